@@ -1,0 +1,158 @@
+//! Configuration: plain data with documented defaults and chaining setters.
+//!
+//! The server binary turns its command line into a [`ServerConfig`]; tests and embedders
+//! build one in code. Every limit the server enforces lives here, so that every resource a
+//! client can make the server spend has a bound a user can see and change.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How the server listens, what it keeps and what it tolerates.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`; port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// How many recent messages a new client is shown. Default 16; 0 turns history off.
+    pub history: usize,
+    /// Largest text message a client may send, in bytes. Default 65536. Larger ones are
+    /// refused with close code 1009.
+    pub max_message_size: usize,
+    /// How many messages may wait for one client once its socket buffer is full.
+    /// Default 256. A client that falls further behind is closed with code 1008.
+    ///
+    /// The kernel's socket buffer (megabytes on loopback and LANs) absorbs ordinary bursts;
+    /// this queue only holds what does not fit there. It exists only while a client is
+    /// behind, holds shared frames (16 bytes a slot), and bounds the history a stalled
+    /// client can pin to `queue` messages.
+    pub queue: usize,
+    /// How often the server pings each client. Default 30 s. A client silent for two
+    /// intervals is dropped. `None` turns keepalive off.
+    pub ping_interval: Option<Duration>,
+    /// Deadline for the whole HTTP request and WebSocket handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// How many clients may be connected at once. Default 12000. The next one is answered
+    /// with HTTP 503. Each client costs one thread (about four memory mappings) and one
+    /// file descriptor, so the default leaves room under `vm.max_map_count` (65530) and a
+    /// 20000 open-file limit.
+    pub max_clients: usize,
+    /// How long a closing client has to answer the server's close frame, and how long a
+    /// client's own close may wait for the messages queued before it. Default 5 s.
+    pub close_timeout: Duration,
+    /// Serve the chat page on plain HTTP `GET /`. Default `true`.
+    pub web: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            history: 16,
+            max_message_size: 64 * 1024,
+            queue: 256,
+            ping_interval: Some(Duration::from_secs(30)),
+            handshake_timeout: Duration::from_secs(10),
+            max_clients: 12_000,
+            close_timeout: Duration::from_secs(5),
+            web: true,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Set [`Self::bind`].
+    pub fn bind(mut self, bind: SocketAddr) -> Self {
+        self.bind = bind;
+        self
+    }
+
+    /// Set [`Self::history`].
+    pub fn history(mut self, history: usize) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// Set [`Self::max_message_size`].
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Set [`Self::queue`].
+    pub fn queue(mut self, messages: usize) -> Self {
+        self.queue = messages;
+        self
+    }
+
+    /// Set [`Self::ping_interval`].
+    pub fn ping_interval(mut self, interval: Option<Duration>) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// Set [`Self::handshake_timeout`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Set [`Self::max_clients`].
+    pub fn max_clients(mut self, clients: usize) -> Self {
+        self.max_clients = clients;
+        self
+    }
+
+    /// Set [`Self::close_timeout`].
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Set [`Self::web`].
+    pub fn web(mut self, web: bool) -> Self {
+        self.web = web;
+        self
+    }
+}
+
+/// How the command-line client connects and how long it waits for a close.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// The server's URL. Default `ws://127.0.0.1:8080`.
+    pub url: String,
+    /// How long to wait for the TCP connection and the handshake. Default 10 s.
+    pub connect_timeout: Duration,
+    /// How long to wait for the server's close after sending ours. Default 5 s.
+    pub close_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            url: "ws://127.0.0.1:8080".to_string(),
+            connect_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Set [`Self::url`].
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// Set [`Self::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Set [`Self::close_timeout`].
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+}

@@ -1,0 +1,304 @@
+//! A connection thread: the handshake, then reading one client's frames until it leaves.
+//!
+//! The thread only ever reads its socket. Everything the server writes, including pongs
+//! and close frames, goes through the dispatcher (see [`crate::peer`]), so that one writer
+//! at a time owns the socket, frames are never interleaved, and a close never overtakes
+//! the messages queued before it.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use log::{debug, info};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::{Error as WsError, Message, error::ProtocolError};
+
+use crate::config::ServerConfig;
+use crate::dispatcher::Event;
+use crate::error::is_disconnect;
+use crate::handshake::{self, Admission, Outcome};
+use crate::message::{self, Frame};
+use crate::peer::Peer;
+
+/// Bytes tungstenite reads per system call. Chat lines are short; a small buffer keeps an
+/// idle client's memory low (tungstenite zero-fills it before every read, so all of it
+/// becomes resident).
+const READ_BUFFER: usize = 4 * 1024;
+
+/// How long a refused HTTP client may take to read our answer and hang up.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// What every connection thread shares with the server.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub(crate) config: ServerConfig,
+    pub(crate) events: Sender<Event>,
+    /// Clients past the handshake, bounded by `config.max_clients`.
+    pub(crate) clients: AtomicUsize,
+}
+
+impl Admission for Context {
+    fn admit(&self) -> bool {
+        let max = self.config.max_clients;
+        self.clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// The body of a connection thread.
+pub(crate) fn run(peer: &Arc<Peer>, context: &Context) {
+    let deadline = Instant::now() + context.config.handshake_timeout;
+    match handshake::handshake(&peer.stream, deadline, context.config.web, context) {
+        Ok(Outcome::Upgraded { leftover }) => {
+            let session = Session {
+                peer,
+                context,
+                joined: false,
+            };
+            session.run(leftover);
+        }
+        Ok(Outcome::Answered { status, detail }) => {
+            if status < 400 {
+                debug!("{}: HTTP {status}, {detail}", peer.addr);
+            } else {
+                info!("{} refused with HTTP {status}: {detail}", peer.addr);
+            }
+            close_gracefully(&peer.stream, LINGER);
+        }
+        Ok(Outcome::Vanished) => debug!("{} left before sending a request", peer.addr),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => info!(
+            "{} did not complete the handshake within {} s; closed",
+            peer.addr,
+            context.config.handshake_timeout.as_secs_f32()
+        ),
+        Err(e) => debug!("{}: handshake failed: {e}", peer.addr),
+    }
+    let _ = peer.stream.shutdown(Shutdown::Both);
+}
+
+/// How a session ended, and why, for the log.
+enum End {
+    /// The client closed; answer with `reply` once everything queued before it is out.
+    Closed { reply: Frame, why: String },
+    /// The client broke a rule; fail the connection with `close`.
+    Failed { close: Frame, why: String },
+    /// The connection is gone; there is no one to tell.
+    Dropped { why: String },
+}
+
+/// A client past the handshake. Dropping it, even while unwinding from a panic, tells the
+/// dispatcher the client left and gives back its slot, so no failure leaks a client.
+struct Session<'a> {
+    peer: &'a Arc<Peer>,
+    context: &'a Context,
+    joined: bool,
+}
+
+impl Session<'_> {
+    fn run(mut self, leftover: Vec<u8>) {
+        let peer = self.peer;
+        // From here on, reads wait for the client as long as keepalive allows, and a
+        // writer's blocked write is bounded by the queue and keepalive, not by a timer.
+        let cleared = peer.stream.set_read_timeout(None).and(peer.stream.set_write_timeout(None));
+        if let Err(e) = cleared {
+            debug!("{}: cannot clear the handshake timeouts: {e}", peer.addr);
+            return;
+        }
+        peer.heard();
+        if self
+            .context
+            .events
+            .send(Event::Join(Arc::clone(peer)))
+            .is_err()
+        {
+            return;
+        }
+        self.joined = true;
+        info!("{} joined", peer.addr);
+
+        let end = self.read_until_end(leftover);
+        let answering_ours = peer.is_closing();
+        self.joined = false;
+        let (close, failed, why) = match end {
+            End::Closed { reply, why } => (Some(reply), false, why),
+            End::Failed { close, why } => (Some(close), true, why),
+            End::Dropped { why } => (None, false, why),
+        };
+        let sends_close = close.is_some();
+        let _ = self.context.events.send(Event::Leave(peer.id, close));
+        if sends_close || answering_ours {
+            peer.wait_close_written(self.context.config.close_timeout);
+        }
+        if failed && !answering_ours {
+            // Let the client read our close and answer before the socket goes away.
+            close_gracefully(&peer.stream, self.context.config.close_timeout);
+        }
+        peer.finish();
+        info!("{} left: {why}", peer.addr);
+    }
+
+    fn read_until_end(&self, leftover: Vec<u8>) -> End {
+        let config = &self.context.config;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        let inbound = Inbound(&self.peer.stream);
+        let mut ws =
+            WebSocket::from_partially_read(inbound, leftover, Role::Server, Some(ws_config));
+        let tag = message::sender_tag(self.peer.addr);
+        loop {
+            let message = match ws.read() {
+                Ok(message) => message,
+                Err(e) => return self.failed(e),
+            };
+            self.peer.heard();
+            let event = match message {
+                Message::Text(text) => {
+                    info!("{} says {:?}", self.peer.addr, text.as_str());
+                    Event::Broadcast(message::text(&tag, &text))
+                }
+                Message::Ping(payload) => Event::Pong(self.peer.id, message::pong(&payload)),
+                Message::Pong(_) => continue,
+                Message::Close(frame) => return closed_by_client(frame),
+                Message::Binary(_) => {
+                    return refuse(
+                        CloseCode::Unsupported,
+                        "binary messages are not supported; send text",
+                        "sent a binary message",
+                    );
+                }
+                Message::Frame(_) => continue,
+            };
+            if self.context.events.send(event).is_err() {
+                return End::Dropped {
+                    why: "the server stopped".to_string(),
+                };
+            }
+        }
+    }
+
+    fn failed(&self, error: WsError) -> End {
+        let limit = self.context.config.max_message_size;
+        match error {
+            WsError::Utf8(_) => refuse(
+                CloseCode::Invalid,
+                "text must be valid UTF-8",
+                "sent invalid UTF-8",
+            ),
+            WsError::Capacity(e) => refuse(
+                CloseCode::Size,
+                &format!("message too big: the limit is {limit} bytes"),
+                &format!("sent a message over the limit ({e})"),
+            ),
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Dropped {
+                why: "connection dropped without a close".to_string(),
+            },
+            WsError::Protocol(e) => refuse(
+                CloseCode::Protocol,
+                &format!("protocol error: {e}"),
+                "broke the protocol",
+            ),
+            WsError::Io(e) if is_disconnect(&e) => End::Dropped {
+                why: format!("connection dropped ({e})"),
+            },
+            WsError::Io(e) => End::Dropped {
+                why: format!("connection failed: {e}"),
+            },
+            other => refuse(
+                CloseCode::Protocol,
+                &other.to_string(),
+                "broke the protocol",
+            ),
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if self.joined {
+            let _ = self.context.events.send(Event::Leave(self.peer.id, None));
+            self.peer.finish();
+        }
+        self.context.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The answer to a client's close: its own status code back, as RFC 6455 §5.5.1 asks.
+fn closed_by_client(frame: Option<CloseFrame>) -> End {
+    match frame {
+        Some(frame) => {
+            let why = if frame.reason.is_empty() {
+                format!("closed by the client ({})", u16::from(frame.code))
+            } else {
+                format!(
+                    "closed by the client ({}, {:?})",
+                    u16::from(frame.code),
+                    frame.reason.as_str()
+                )
+            };
+            End::Closed {
+                reply: message::close(frame.code, ""),
+                why,
+            }
+        }
+        None => End::Closed {
+            reply: message::close_without_code(),
+            why: "closed by the client".to_string(),
+        },
+    }
+}
+
+fn refuse(code: CloseCode, reason: &str, what: &str) -> End {
+    End::Failed {
+        close: message::close(code, reason),
+        why: format!("{what}; closed with {}", u16::from(code)),
+    }
+}
+
+/// Send our FIN, then read and discard until the client closes too or `timeout` passes,
+/// so that closing a socket with unread data does not reset the connection before the
+/// client has read our last words.
+fn close_gracefully(mut stream: &TcpStream, timeout: Duration) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + timeout;
+    let mut sink = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The socket as tungstenite sees it: readable, and a sink for tungstenite's automatic
+/// replies, because the server sends its pongs and closes itself, through the dispatcher.
+struct Inbound<'a>(&'a TcpStream);
+
+impl Read for Inbound<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Inbound<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,263 @@
+//! The HTTP side of a connection: read one request under a deadline, then upgrade it to a
+//! WebSocket, serve the chat page, or answer with an error status.
+//!
+//! Parsing the request ourselves (with httparse, which tungstenite uses too) lets one read
+//! path answer everything a port can be asked: the WebSocket upgrade, validated by
+//! tungstenite's own `create_response`; the page; and every refusal (400, 404, 405, 426,
+//! 431, 503) as a real HTTP response instead of a dropped connection. The deadline covers
+//! the whole request, not each read, so a client trickling one byte a second is cut off too.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+use tungstenite::handshake::server::{Request, create_response, write_response};
+use tungstenite::http;
+
+use crate::web;
+
+/// The largest request head we read; real browsers send well under 2 KiB.
+const MAX_HEAD: usize = 8 * 1024;
+/// The most header lines we accept.
+const MAX_HEADERS: usize = 32;
+
+/// How a request ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The handshake succeeded; `leftover` holds bytes the client sent after its request.
+    Upgraded { leftover: Vec<u8> },
+    /// The request got an HTTP response; the connection ends.
+    Answered { status: u16, detail: String },
+    /// The client went away before sending a whole request.
+    Vanished,
+}
+
+/// Whether the server may take one more client, asked only for a valid upgrade.
+pub(crate) trait Admission {
+    /// Reserve a client slot, or say no.
+    fn admit(&self) -> bool;
+}
+
+/// Read one request from `stream` and answer it, all before `deadline`.
+///
+/// # Errors
+/// Fails when the deadline passes or the socket fails.
+pub(crate) fn handshake(
+    stream: &TcpStream,
+    deadline: Instant,
+    web_enabled: bool,
+    admission: &impl Admission,
+) -> io::Result<Outcome> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if buf.len() >= MAX_HEAD {
+            return refuse(
+                stream,
+                deadline,
+                431,
+                "request headers are larger than 8 KiB",
+            );
+        }
+        if read_more(stream, &mut buf, deadline)? == 0 {
+            return Ok(Outcome::Vanished);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Complete(len)) => {
+                let leftover = buf[len..].to_vec();
+                return answer(stream, deadline, &request, leftover, web_enabled, admission);
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                return refuse(stream, deadline, 431, "too many request headers (limit 32)");
+            }
+            Err(e) => return refuse(stream, deadline, 400, &format!("malformed request: {e}")),
+        }
+    }
+}
+
+fn answer(
+    stream: &TcpStream,
+    deadline: Instant,
+    request: &httparse::Request<'_, '_>,
+    leftover: Vec<u8>,
+    web_enabled: bool,
+    admission: &impl Admission,
+) -> io::Result<Outcome> {
+    let method = request.method.unwrap_or_default();
+    let path = request.path.unwrap_or("/");
+    if method != "GET" {
+        return refuse(stream, deadline, 405, "only GET is supported");
+    }
+    if !wants_upgrade(request) {
+        return match web::page(path, web_enabled) {
+            Some(page) => {
+                send(
+                    stream,
+                    deadline,
+                    200,
+                    page.content_type,
+                    page.headers,
+                    page.body,
+                )?;
+                Ok(Outcome::Answered {
+                    status: 200,
+                    detail: format!("served {path}"),
+                })
+            }
+            None if web_enabled || path != "/" => {
+                refuse(stream, deadline, 404, &format!("no page at {path}"))
+            }
+            None => refuse(
+                stream,
+                deadline,
+                426,
+                "this is a WebSocket chat server; connect with a WebSocket client",
+            ),
+        };
+    }
+    let version = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-version"));
+    if version.is_some_and(|h| h.value != b"13") {
+        return refuse(
+            stream,
+            deadline,
+            426,
+            "unsupported WebSocket version; this server speaks 13",
+        );
+    }
+    let response = match to_http(request).and_then(|r| create_response(&r)) {
+        Ok(response) => response,
+        Err(e) => {
+            return refuse(
+                stream,
+                deadline,
+                400,
+                &format!("bad WebSocket handshake: {e}"),
+            );
+        }
+    };
+    if !admission.admit() {
+        return refuse(stream, deadline, 503, "the chat is full; try again later");
+    }
+    let mut head = Vec::with_capacity(160);
+    write_response(&mut head, &response).map_err(io::Error::other)?;
+    write_before(stream, deadline, &head)?;
+    Ok(Outcome::Upgraded { leftover })
+}
+
+fn wants_upgrade(request: &httparse::Request<'_, '_>) -> bool {
+    request
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+}
+
+/// The request as tungstenite's handshake functions take it.
+fn to_http(request: &httparse::Request<'_, '_>) -> tungstenite::Result<Request> {
+    let mut builder = http::Request::builder()
+        .method(http::Method::GET)
+        .uri(request.path.unwrap_or("/"))
+        .version(match request.version {
+            Some(1) => http::Version::HTTP_11,
+            _ => http::Version::HTTP_10,
+        });
+    for header in request.headers.iter() {
+        builder = builder.header(header.name, header.value);
+    }
+    Ok(builder.body(())?)
+}
+
+/// Answer with an error `status` and a one-line plain-text explanation.
+fn refuse(stream: &TcpStream, deadline: Instant, status: u16, detail: &str) -> io::Result<Outcome> {
+    let body = format!("{status} {}: {detail}\n", reason(status));
+    let extra = match status {
+        405 => "Allow: GET\r\n",
+        426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+        503 => "Retry-After: 5\r\n",
+        _ => "",
+    };
+    send(
+        stream,
+        deadline,
+        status,
+        "text/plain; charset=utf-8",
+        extra,
+        body.as_bytes(),
+    )?;
+    Ok(Outcome::Answered {
+        status,
+        detail: detail.to_string(),
+    })
+}
+
+fn send(
+    stream: &TcpStream,
+    deadline: Instant,
+    status: u16,
+    content_type: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n{extra_headers}\r\n",
+        reason(status),
+        body.len()
+    );
+    write_before(stream, deadline, head.as_bytes())?;
+    write_before(stream, deadline, body)
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Read what has arrived into `buf`, waiting no later than `deadline`.
+fn read_more(mut stream: &TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
+    let len = buf.len();
+    buf.resize(MAX_HEAD.min(len + 1024), 0);
+    let result = loop {
+        stream.set_read_timeout(Some(remaining(deadline)?))?;
+        match stream.read(&mut buf[len..]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => break result,
+        }
+    };
+    buf.truncate(len + *result.as_ref().unwrap_or(&0));
+    result.map_err(timed_out)
+}
+
+fn write_before(mut stream: &TcpStream, deadline: Instant, bytes: &[u8]) -> io::Result<()> {
+    stream.set_write_timeout(Some(remaining(deadline)?))?;
+    stream.write_all(bytes).map_err(timed_out)
+}
+
+fn remaining(deadline: Instant) -> io::Result<std::time::Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    Ok(left)
+}
+
+/// Socket timeouts surface as `WouldBlock` on Unix; call them what they are.
+fn timed_out(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::ErrorKind::TimedOut.into()
+    } else {
+        e
+    }
+}

@@ -1,0 +1,401 @@
+//! The server: the accept loop, one thread per connection, and an orderly shutdown.
+//!
+//! Threads and their owners:
+//! - the **acceptor** blocks in `accept()`, starts a connection thread per client and joins
+//!   the ones that have ended each time it wakes; [`Server::shutdown`] joins the acceptor;
+//! - each **connection thread** does the handshake and reads its client (see
+//!   [`crate::connection`]); it joins its client's short-lived writer thread, if any;
+//! - the **dispatcher** (see [`crate::dispatcher`]) ends when the last event sender is gone,
+//!   that is after every connection thread; [`Server::shutdown`] joins it last.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, warn};
+use parking_lot::Mutex;
+use socket2::SockRef;
+
+use crate::config::ServerConfig;
+use crate::connection::{self, Context};
+use crate::dispatcher::{Dispatcher, Event};
+use crate::error::{Error, Result};
+use crate::peer::{Peer, PeerId};
+
+/// Stack for a connection thread. Measured: the handshake and the read loop touch under
+/// 40 KiB at the deepest (see the README); only touched pages cost memory.
+const CONNECTION_STACK: usize = 128 * 1024;
+
+/// Connections beyond `max_clients` that may still be in their handshake, to be answered
+/// with 503 or to replace a client that is leaving. Past this, new connections are closed
+/// at once, without a thread.
+const SPARE_CONNECTIONS: usize = 64;
+
+/// Events that may wait for the dispatcher; a connection thread that finds the queue full
+/// waits, which slows its client down rather than growing memory.
+const EVENT_QUEUE: usize = 4096;
+
+/// How long `accept` pauses when the process is out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At shutdown, how long clients get to answer the close before their sockets are cut.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A running chat server. Dropping it shuts it down, as [`Server::shutdown`] does.
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+    /// Shared with every connection thread; taken at shutdown so the dispatcher can end.
+    context: Option<Arc<Context>>,
+    connections: Arc<Mutex<Connections>>,
+    acceptor: Option<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listen on `addr` with every other setting at its default.
+    ///
+    /// # Errors
+    /// See [`Server::with_config`].
+    pub fn bind(addr: SocketAddr) -> Result<Server> {
+        Server::with_config(ServerConfig::default().bind(addr))
+    }
+
+    /// Listen as `config` says and start serving at once, on threads of the server's own.
+    ///
+    /// # Errors
+    /// [`Error::Bind`] when the address cannot be listened on, [`Error::Spawn`] when the
+    /// server's threads cannot be started.
+    pub fn with_config(config: ServerConfig) -> Result<Server> {
+        let listener = TcpListener::bind(config.bind).map_err(|source| Error::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let local_addr = listener.local_addr()?;
+        let listener = Arc::new(listener);
+        let (events, events_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+        let dispatcher = Dispatcher::new(&config);
+        let dispatcher = thread::Builder::new()
+            .name("dispatcher".into())
+            .spawn(move || dispatcher.run(&events_rx))
+            .map_err(|source| Error::Spawn {
+                what: "dispatcher",
+                source,
+            })?;
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let context = Arc::new(Context {
+            config,
+            events,
+            clients: Default::default(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Connections {
+            live: HashMap::new(),
+            done: done_rx,
+        }));
+        let acceptor = Acceptor {
+            listener: Arc::clone(&listener),
+            context: Arc::clone(&context),
+            stop: Arc::clone(&stop),
+            connections: Arc::clone(&connections),
+            done: done_tx,
+            next_id: 0,
+            refusals: Throttle::default(),
+            failures: Throttle::default(),
+        };
+        let mut server = Server {
+            local_addr,
+            listener,
+            stop,
+            context: Some(context),
+            connections,
+            acceptor: None,
+            dispatcher: Some(dispatcher),
+        };
+        // On failure the closure, and the acceptor's context with it, is dropped before
+        // `stop_all` waits for the dispatcher.
+        match thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || acceptor.run())
+        {
+            Ok(handle) => server.acceptor = Some(handle),
+            Err(source) => {
+                let _ = server.stop_all();
+                return Err(Error::Spawn {
+                    what: "acceptor",
+                    source,
+                });
+            }
+        }
+        Ok(server)
+    }
+
+    /// The address the server listens on, with the real port when bound to port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// How many clients are past the handshake right now.
+    pub fn client_count(&self) -> usize {
+        self.context
+            .as_ref()
+            .map_or(0, |c| c.clients.load(Ordering::Acquire))
+    }
+
+    /// Stop accepting, deliver what is already queued, send every client a close frame
+    /// (1001), give them a moment to answer, then end and join every thread.
+    ///
+    /// # Errors
+    /// [`Error::Panicked`] if one of the server's own threads panicked (a bug).
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        if let Some(acceptor) = self.acceptor.take() {
+            self.stop.store(true, Ordering::Release);
+            self.wake_acceptor();
+            if acceptor.join().is_err() {
+                result = Err(Error::Panicked { what: "acceptor" });
+            }
+        }
+        if let Some(context) = self.context.take() {
+            let _ = context.events.send(Event::Shutdown);
+            let grace = SHUTDOWN_GRACE.min(context.config.close_timeout);
+            let mut connections = self.connections.lock();
+            connections.wait(Instant::now() + grace);
+            connections.abort_all();
+            connections.wait_all();
+        }
+        // The dispatcher ends once the last event sender is gone: the connection threads'
+        // went with them, the acceptor's with it, and the server's with `context` above.
+        if let Some(dispatcher) = self.dispatcher.take()
+            && dispatcher.join().is_err()
+        {
+            result = Err(Error::Panicked { what: "dispatcher" });
+        }
+        result
+    }
+
+    /// Unblock the acceptor's `accept()` by connecting to ourselves.
+    fn wake_acceptor(&self) {
+        let mut target = self.local_addr;
+        if target.ip().is_unspecified() {
+            target.set_ip(match target.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        if TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err() {
+            // On Linux, shutting a listening socket down also wakes a blocked accept.
+            let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.context.is_some()
+            && let Err(e) = self.stop_all()
+        {
+            error!("{e}");
+        }
+    }
+}
+
+/// The connection threads that have not been joined yet.
+#[derive(Debug)]
+struct Connections {
+    live: HashMap<PeerId, Live>,
+    /// Each connection thread sends its id here as its last act.
+    done: Receiver<PeerId>,
+}
+
+#[derive(Debug)]
+struct Live {
+    addr: SocketAddr,
+    /// Weak, so that the registry never keeps a finished client's socket open.
+    peer: Weak<Peer>,
+    thread: JoinHandle<()>,
+}
+
+impl Connections {
+    /// Join the threads that have ended.
+    fn reap(&mut self) {
+        while let Ok(id) = self.done.try_recv() {
+            self.join(id);
+        }
+    }
+
+    /// Join threads as they end, until all have or `deadline` passes.
+    fn wait(&mut self, deadline: Instant) {
+        while !self.live.is_empty() {
+            match self.done.recv_deadline(deadline) {
+                Ok(id) => self.join(id),
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn wait_all(&mut self) {
+        let ids: Vec<PeerId> = self.live.keys().copied().collect();
+        for id in ids {
+            self.join(id);
+        }
+    }
+
+    fn abort_all(&self) {
+        for live in self.live.values() {
+            if let Some(peer) = live.peer.upgrade() {
+                peer.abort();
+            }
+        }
+    }
+
+    fn join(&mut self, id: PeerId) {
+        if let Some(live) = self.live.remove(&id)
+            && live.thread.join().is_err()
+        {
+            error!(
+                "the thread serving {} panicked (a bug); only that client was lost",
+                live.addr
+            );
+        }
+    }
+}
+
+/// The acceptor thread's state.
+struct Acceptor {
+    listener: Arc<TcpListener>,
+    context: Arc<Context>,
+    stop: Arc<AtomicBool>,
+    connections: Arc<Mutex<Connections>>,
+    done: Sender<PeerId>,
+    next_id: PeerId,
+    refusals: Throttle,
+    failures: Throttle,
+}
+
+impl Acceptor {
+    fn run(mut self) {
+        loop {
+            let accepted = self.listener.accept();
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            self.connections.lock().reap();
+            match accepted {
+                Ok((stream, addr)) => self.start(stream, addr),
+                Err(e) => self.accept_failed(&e),
+            }
+        }
+        debug!("acceptor stopped");
+    }
+
+    fn start(&mut self, stream: TcpStream, addr: SocketAddr) {
+        let mut connections = self.connections.lock();
+        if connections.live.len() >= self.context.config.max_clients + SPARE_CONNECTIONS {
+            if let Some(more) = self.refusals.ready() {
+                warn!(
+                    "closing {addr} at once: {} connections are open already{more}",
+                    connections.live.len()
+                );
+            }
+            return;
+        }
+        log::info!("connection from {addr}");
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("{addr}: cannot set TCP_NODELAY: {e}");
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let peer = Arc::new(Peer::new(id, stream, addr));
+        let weak = Arc::downgrade(&peer);
+        let context = Arc::clone(&self.context);
+        let done = DoneSignal {
+            id,
+            done: self.done.clone(),
+        };
+        let spawned = thread::Builder::new()
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                let _done = done;
+                connection::run(&peer, &context);
+            });
+        match spawned {
+            Ok(thread) => {
+                connections.live.insert(
+                    id,
+                    Live {
+                        addr,
+                        peer: weak,
+                        thread,
+                    },
+                );
+            }
+            Err(e) => error!("cannot start a thread for {addr}: {e}; closing it"),
+        }
+    }
+
+    fn accept_failed(&mut self, e: &io::Error) {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                if let Some(more) = self.failures.ready() {
+                    error!(
+                        "cannot accept connections: {e}; pausing briefly. Raise the open-file \
+                         limit (ulimit -n) or lower --max-clients{more}"
+                    );
+                }
+                thread::sleep(ACCEPT_BACKOFF);
+            }
+            _ => debug!("accept failed: {e}"),
+        }
+    }
+}
+
+/// Tells the acceptor a connection thread has ended, even if it panicked.
+struct DoneSignal {
+    id: PeerId,
+    done: Sender<PeerId>,
+}
+
+impl Drop for DoneSignal {
+    fn drop(&mut self) {
+        let _ = self.done.send(self.id);
+    }
+}
+
+/// Lets a repeated warning through at most once a second, counting the ones held back.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    /// `Some(note)` when the message may be logged now; the note counts the held-back ones.
+    fn ready(&mut self) -> Option<String> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        let note = match std::mem::take(&mut self.held_back) {
+            0 => String::new(),
+            n => format!(" ({n} more like this not shown)"),
+        };
+        Some(note)
+    }
+}

@@ -1,0 +1,183 @@
+use std::collections::HashMap;
+use std::thread;
+
+use broadcast_chat::{ServerConfig, WELCOME};
+
+use crate::support::*;
+
+#[test]
+fn everyone_including_the_sender_gets_each_message_tagged() {
+    let server = default_server();
+    let addr = server.local_addr();
+    let (mut a, a_tag) = join(addr);
+    let (mut b, _) = join(addr);
+    let (mut c, _) = join(addr);
+    send(&mut a, "hello all");
+    for ws in [&mut a, &mut b, &mut c] {
+        assert_eq!(recv_text(ws), format!("{a_tag}: hello all"));
+    }
+}
+
+#[test]
+fn empty_and_non_ascii_text_are_relayed_exactly() {
+    let server = default_server();
+    let (mut a, me) = join(server.local_addr());
+    let (mut b, _) = join(server.local_addr());
+    for text in [
+        "",
+        "héllo wörld ✓ 🌍",
+        "tab\tand\nnewline",
+        "  spaces  ",
+        "a: b: c",
+    ] {
+        send(&mut a, text);
+        assert_eq!(recv_text(&mut a), format!("{me}: {text}"));
+        assert_eq!(recv_text(&mut b), format!("{me}: {text}"));
+    }
+}
+
+#[test]
+fn ipv6_clients_are_tagged_with_brackets() {
+    let config = ServerConfig::default().bind("[::1]:0".parse().expect("address"));
+    let server = broadcast_chat::Server::with_config(config).expect("IPv6 server");
+    let (mut ws, me) = join(server.local_addr());
+    assert!(me.starts_with("[::1]:"), "{me}");
+    send(&mut ws, "v6");
+    assert_eq!(recv_text(&mut ws), format!("{me}: v6"));
+}
+
+#[test]
+fn three_clients_see_identical_sequences_while_all_send_at_once() {
+    const EACH: usize = 300;
+    let server = default_server();
+    let addr = server.local_addr();
+    let clients: Vec<_> = (0..3).map(|_| join(addr)).collect();
+    let tags: Vec<String> = clients.iter().map(|(_, tag)| tag.clone()).collect();
+    let sequences: Vec<Vec<String>> = thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .into_iter()
+            .map(|(mut ws, _)| {
+                s.spawn(move || {
+                    for i in 0..EACH {
+                        send(&mut ws, &format!("m{i}"));
+                    }
+                    (0..3 * EACH)
+                        .map(|_| recv_text(&mut ws))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    assert_eq!(
+        sequences[0], sequences[1],
+        "clients 0 and 1 saw the same order"
+    );
+    assert_eq!(
+        sequences[0], sequences[2],
+        "clients 0 and 2 saw the same order"
+    );
+    let mut next: HashMap<&str, usize> = tags.iter().map(|t| (t.as_str(), 0)).collect();
+    for line in &sequences[0] {
+        let (tag, text) = line.rsplit_once(": ").expect("tagged");
+        let expected = next.get_mut(tag).expect("a known sender");
+        assert_eq!(
+            text,
+            format!("m{expected}"),
+            "each sender's messages in the order sent"
+        );
+        *expected += 1;
+    }
+    assert!(next.values().all(|&n| n == EACH), "nothing lost: {next:?}");
+}
+
+#[test]
+fn history_replays_the_recent_messages_oldest_first() {
+    let server = default_server();
+    let (mut a, a_tag) = join(server.local_addr());
+    for i in 0..20 {
+        send(&mut a, &format!("old {i}"));
+        recv_text(&mut a);
+    }
+    let (mut b, b_tag) = join(server.local_addr());
+    for i in 4..20 {
+        assert_eq!(recv_text(&mut b), format!("{a_tag}: old {i}"));
+    }
+    send(&mut b, "live");
+    assert_eq!(
+        recv_text(&mut b),
+        format!("{b_tag}: live"),
+        "history ends where live begins"
+    );
+}
+
+#[test]
+fn history_zero_turns_the_replay_off() {
+    let server = server(ServerConfig::default().history(0));
+    let (mut a, _) = join(server.local_addr());
+    send(&mut a, "before");
+    recv_text(&mut a);
+    let (mut b, b_tag) = join(server.local_addr());
+    send(&mut b, "after");
+    assert_eq!(recv_text(&mut b), format!("{b_tag}: after"));
+}
+
+#[test]
+fn a_long_history_is_replayed_whole() {
+    let server = server(ServerConfig::default().history(200));
+    let (mut a, a_tag) = join(server.local_addr());
+    for i in 0..250 {
+        send(&mut a, &format!("{i}"));
+    }
+    for _ in 0..250 {
+        recv_text(&mut a);
+    }
+    let (mut b, _) = join(server.local_addr());
+    for i in 50..250 {
+        assert_eq!(recv_text(&mut b), format!("{a_tag}: {i}"));
+    }
+}
+
+/// A client joining while messages stream in sees one contiguous run: the replayed history
+/// and the live messages meet with no gap and no duplicate.
+#[test]
+fn a_joiner_during_a_fast_stream_sees_history_and_live_without_gap_or_duplicate() {
+    const TOTAL: usize = 3000;
+    let server = default_server();
+    let addr = server.local_addr();
+    let (mut sender, tag) = join(addr);
+    let (mut watcher, _) = join(addr);
+    thread::scope(|s| {
+        s.spawn(move || {
+            for i in 0..TOTAL {
+                send(&mut sender, &i.to_string());
+            }
+            for _ in 0..TOTAL {
+                recv_text(&mut sender);
+            }
+        });
+        // Join once the stream is well under way.
+        while recv_text(&mut watcher) != format!("{tag}: 200") {}
+        let mut joiner = connect(addr);
+        assert_eq!(recv_text(&mut joiner), WELCOME);
+        let mut seen = Vec::new();
+        loop {
+            let line = recv_text(&mut joiner);
+            let n: usize = line
+                .strip_prefix(&format!("{tag}: "))
+                .expect("tagged")
+                .parse()
+                .expect("number");
+            seen.push(n);
+            if n == TOTAL - 1 {
+                break;
+            }
+        }
+        assert!(seen[0] > 0, "the joiner came in mid-stream");
+        let expected: Vec<usize> = (seen[0]..TOTAL).collect();
+        assert_eq!(seen, expected, "contiguous, no gap, no duplicate");
+    });
+}

@@ -1,0 +1,133 @@
+use std::net::TcpStream;
+use std::process::Command;
+use std::thread;
+
+use broadcast_chat::ServerConfig;
+use socket2::{Domain, Socket, Type};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::support::*;
+
+#[test]
+fn shutdown_delivers_what_is_queued_then_closes_with_1001() {
+    const MESSAGES: usize = 100;
+    let server = default_server();
+    let addr = server.local_addr();
+    // A receiver with a small buffer, so most of what it is sent waits in the server.
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(8192).expect("small buffer");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let (mut slow, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+    let (mut sender, tag) = join(addr);
+    let payload = "q".repeat(20_000);
+    for i in 0..MESSAGES {
+        send(&mut sender, &format!("{i} {payload}"));
+        recv_text(&mut sender);
+    }
+    // Every message has been broadcast: the sender heard them all. Now stop.
+    thread::scope(|s| {
+        let stopping = s.spawn(|| server.shutdown());
+        let (code, reason, texts) = recv_until_close(&mut slow);
+        let _ = slow.flush();
+        assert_eq!(
+            texts.len(),
+            MESSAGES + 1,
+            "the welcome and every queued message"
+        );
+        for (i, text) in texts[1..].iter().enumerate() {
+            assert_eq!(text, &format!("{tag}: {i} {payload}"));
+        }
+        assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+        stopping
+            .join()
+            .expect("shutdown thread")
+            .expect("clean shutdown");
+    });
+}
+
+#[test]
+fn shutdown_ends_even_when_clients_never_answer_the_close() {
+    let server = server(ServerConfig::default());
+    let addr = server.local_addr();
+    let mut silent = Raw::join(addr);
+    let _half_open = Raw::connect(addr);
+    server.shutdown().expect("clean shutdown");
+    assert_eq!(silent.read_close(), 1001);
+    assert!(silent.closed_by_server());
+}
+
+fn signal_test(signal: &str) {
+    let server = ServerProc::start(&[]);
+    let (mut ws, _) = join(server.addr);
+    let mut proc = server.proc;
+    proc.signal(signal);
+    let (code, reason, _) = recv_until_close(&mut ws);
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    let _ = ws.flush();
+    let status = proc.wait();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    signal_test("TERM");
+}
+
+#[test]
+fn sigint_closes_every_client_with_1001_and_exits_0() {
+    signal_test("INT");
+}
+
+#[test]
+fn connect_close_cycles_leave_threads_and_descriptors_where_they_started() {
+    let server = ServerProc::start(&["--history", "0"]);
+    let pid = server.proc.pid();
+    let threads = threads_of(pid);
+    let fds = fds_of(pid);
+    for i in 0..300 {
+        let (mut ws, me) = join(server.addr);
+        send(&mut ws, &format!("cycle {i}"));
+        let (code, _, texts) = {
+            assert_eq!(recv_text(&mut ws), format!("{me}: cycle {i}"));
+            close(&mut ws, CloseCode::Normal);
+            recv_until_close(&mut ws)
+        };
+        assert_eq!(code, 1000);
+        assert!(texts.is_empty());
+    }
+    eventually("threads back to the start", || threads_of(pid) == threads);
+    eventually("descriptors back to the start", || fds_of(pid) == fds);
+}
+
+#[test]
+fn each_idle_client_costs_one_thread_and_one_descriptor() {
+    let server = ServerProc::start(&[]);
+    let pid = server.proc.pid();
+    let (threads, fds) = (threads_of(pid), fds_of(pid));
+    let clients: Vec<_> = (0..50).map(|_| join(server.addr)).collect();
+    eventually("one thread per client", || threads_of(pid) == threads + 50);
+    assert_eq!(fds_of(pid), fds + 50, "one descriptor per client");
+    drop(clients);
+    eventually("threads released", || threads_of(pid) == threads);
+    eventually("descriptors released", || fds_of(pid) == fds);
+}
+
+#[test]
+fn running_out_of_descriptors_does_not_end_the_server() {
+    let mut command = Command::new("prlimit");
+    command.args(["--nofile=48:48", env!("CARGO_BIN_EXE_server")]);
+    let server = ServerProc::start_with(&mut command);
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(stream) = TcpStream::connect(server.addr) {
+            held.push(stream);
+        }
+    }
+    server.expect_log("cannot accept connections");
+    drop(held);
+    let (mut ws, me) = join(server.addr);
+    send(&mut ws, "still serving");
+    assert_eq!(recv_text(&mut ws), format!("{me}: still serving"));
+}

@@ -1,0 +1,185 @@
+use std::io::{ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::Instant;
+
+use broadcast_chat::ServerConfig;
+use socket2::{Domain, Socket, Type};
+use tungstenite::Message;
+
+use crate::support::*;
+
+/// A raw client with a tiny receive buffer, so that not reading fills up fast.
+fn stalled_client(addr: SocketAddr) -> Raw {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    socket.connect(&addr.into()).expect("connect");
+    let mut raw = Raw::from_stream(socket.into());
+    raw.handshake();
+    raw
+}
+
+#[test]
+fn a_client_that_does_not_read_is_closed_with_1008_while_the_others_get_everything() {
+    const MESSAGES: usize = 600;
+    let server = server(ServerConfig::default().queue(8));
+    let addr = server.local_addr();
+    let mut stalled = stalled_client(addr);
+    let (mut sender, tag) = join(addr);
+    let (mut reader, _) = join(addr);
+    let payload = "z".repeat(16 * 1024);
+    let expected: Vec<String> = (0..MESSAGES)
+        .map(|i| format!("{tag}: {i} {payload}"))
+        .collect();
+
+    thread::scope(|s| {
+        let reading = s.spawn(|| {
+            (0..MESSAGES)
+                .map(|_| recv_text(&mut reader))
+                .collect::<Vec<_>>()
+        });
+        for (i, line) in expected.iter().enumerate() {
+            send(&mut sender, &format!("{i} {payload}"));
+            assert_eq!(
+                &recv_text(&mut sender),
+                line,
+                "the sender hears itself at once"
+            );
+        }
+        assert_eq!(
+            reading.join().expect("reader"),
+            expected,
+            "the reader lost nothing"
+        );
+    });
+
+    // Now read what reached the stalled client: an unbroken prefix, then the 1008 close.
+    let mut received = 0;
+    loop {
+        let (opcode, payload) = stalled.read_frame();
+        match opcode {
+            1 => {
+                assert_eq!(
+                    payload,
+                    expected[received].as_bytes(),
+                    "no gap before the close"
+                );
+                received += 1;
+            }
+            8 => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1008);
+                let reason = String::from_utf8_lossy(&payload[2..]);
+                assert!(reason.contains("too slow"), "the reason says why: {reason}");
+                break;
+            }
+            9 => {}
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+    assert!(
+        received < MESSAGES,
+        "the stalled client was cut off early ({received})"
+    );
+}
+
+#[test]
+fn max_clients_answers_the_next_client_with_503_and_never_registers_it() {
+    let server = server(ServerConfig::default().max_clients(2));
+    let addr = server.local_addr();
+    let (a, _) = join(addr);
+    let (_b, _) = join(addr);
+    let mut third = Raw::connect(addr);
+    third.handshake_request();
+    let head = third.read_head();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert_eq!(server.client_count(), 2);
+    drop(a);
+    eventually("a slot to free up", || server.client_count() < 2);
+    let (mut c, me) = join(addr);
+    send(&mut c, "in");
+    assert_eq!(recv_text(&mut c), format!("{me}: in"));
+}
+
+#[test]
+fn a_silent_connection_is_closed_at_the_handshake_deadline() {
+    let server = server(ServerConfig::default().handshake_timeout(ms(300)));
+    let mut raw = Raw::connect(server.local_addr());
+    let started = Instant::now();
+    assert!(raw.closed_by_server());
+    assert!(started.elapsed() >= ms(250), "not before the deadline");
+}
+
+#[test]
+fn the_handshake_deadline_covers_the_whole_request_not_each_read() {
+    let server = server(ServerConfig::default().handshake_timeout(ms(500)));
+    let mut stream = TcpStream::connect(server.local_addr()).expect("connect");
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut sent = 0;
+    for byte in request {
+        // One byte every 50 ms would take over 7 s; each gap is far below the deadline.
+        if stream.write_all(&[*byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        thread::sleep(ms(50));
+    }
+    assert!(
+        sent < request.len(),
+        "cut off after {sent} of {} bytes",
+        request.len()
+    );
+}
+
+#[test]
+fn keepalive_pings_clients_and_drops_the_silent_ones() {
+    let server = server(ServerConfig::default().ping_interval(Some(ms(200))));
+    let addr = server.local_addr();
+    let (mut alive, me) = join(addr);
+    let mut silent = Raw::join(addr);
+    thread::scope(|s| {
+        // A client that reads (tungstenite answers pings as it reads) stays connected.
+        s.spawn(move || {
+            alive
+                .get_ref()
+                .set_read_timeout(Some(ms(50)))
+                .expect("timeout");
+            let until = Instant::now() + ms(1200);
+            let mut pings = 0;
+            while Instant::now() < until {
+                match alive.read() {
+                    Ok(Message::Ping(_)) => pings += 1,
+                    Ok(other) => panic!("unexpected {other:?}"),
+                    Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("the answering client was dropped: {e}"),
+                }
+            }
+            assert!(pings >= 3, "pinged every interval ({pings})");
+            alive
+                .get_ref()
+                .set_read_timeout(Some(WAIT))
+                .expect("timeout");
+            send(&mut alive, "still here");
+            assert_eq!(recv_text(&mut alive), format!("{me}: still here"));
+        });
+
+        // A client that never answers gets pings and is dropped after two intervals.
+        let started = Instant::now();
+        let mut received = Vec::new();
+        match std::io::Read::read_to_end(&mut silent.stream, &mut received) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the silent client was not dropped: {e}"),
+        }
+        assert!(
+            received.windows(2).any(|w| w == [0x89, 0x00]),
+            "pings came before the drop"
+        );
+        assert!(
+            started.elapsed() >= ms(300),
+            "not dropped before two intervals"
+        );
+    });
+}

@@ -1,0 +1,21 @@
+//! Black-box tests: real servers on 127.0.0.1 port 0, real sockets, the real binaries.
+//! Every wait has a deadline (see `support::WAIT`), so a failure fails instead of hanging.
+
+mod support;
+
+// One client joins, speaks and hears itself.
+mod smoke;
+// Fan-out: tags, global order, history and joins.
+mod broadcast;
+// RFC 6455: close codes, pings, fragments, raw protocol violations.
+mod protocol;
+// Slow readers, keepalive, handshake deadlines and client limits.
+mod limits;
+// Plain HTTP requests: the page, and every refusal.
+mod http;
+// Shutdown, signals, and the threads and descriptors a server holds.
+mod lifecycle;
+// The server binary's options and logs.
+mod server_cli;
+// The client binary, driven through its stdin.
+mod client_cli;

@@ -1,0 +1,120 @@
+use std::net::TcpListener;
+use std::process::Command;
+
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::support::*;
+
+fn server_binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_server"))
+}
+
+#[test]
+fn help_documents_every_option_with_its_default() {
+    let output = server_binary().arg("--help").output().expect("run --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (option, default) in [
+        ("--bind", "127.0.0.1:8080"),
+        ("--history", "16"),
+        ("--max-message-size", "65536"),
+        ("--queue", "256"),
+        ("--ping-interval", "30"),
+        ("--handshake-timeout", "10"),
+        ("--max-clients", "12000"),
+        ("--log-level", "info"),
+    ] {
+        let at = help
+            .find(option)
+            .unwrap_or_else(|| panic!("{option} is documented"));
+        let rest = &help[at..];
+        let entry = &rest[..rest.find("\n  -").unwrap_or(rest.len())];
+        assert!(
+            entry.contains(&format!("[default: {default}]")),
+            "{option}: {entry}"
+        );
+    }
+    assert!(help.contains("--no-web"));
+    assert!(help.contains("chat page"), "the page is mentioned");
+}
+
+#[test]
+fn a_bad_option_is_one_line_and_exit_status_2() {
+    for args in [
+        &["--queue", "many"][..],
+        &["--bind", "nowhere"],
+        &["--frobnicate"],
+    ] {
+        let output = server_binary().args(args).output().expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one line for {args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn connections_messages_and_departures_are_logged_with_addresses() {
+    let server = ServerProc::start(&[]);
+    let (mut ws, me) = join(server.addr);
+    server.expect_log(&format!("connection from {me}"));
+    send(&mut ws, "log me \"quoted\"");
+    recv_text(&mut ws);
+    server.expect_log(&format!("{me} says \"log me \\\"quoted\\\"\""));
+    close(&mut ws, CloseCode::Normal);
+    recv_until_close(&mut ws);
+    server.expect_log(&format!("{me} left: closed by the client (1000)"));
+}
+
+#[test]
+fn log_level_warn_leaves_out_the_routine() {
+    let port = {
+        let probe = TcpListener::bind("127.0.0.1:0").expect("probe");
+        probe.local_addr().expect("addr").port()
+    };
+    let bind = format!("127.0.0.1:{port}");
+    let mut proc = Proc::spawn(
+        server_binary()
+            .args(["--bind", &bind, "--log-level", "warn"])
+            .stderr(std::process::Stdio::piped()),
+    );
+    let log = lines(proc.child.stderr.take().expect("stderr"));
+    let addr = bind.parse().expect("addr");
+    eventually("the server to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    let (mut ws, me) = join(addr);
+    send(&mut ws, "quiet please");
+    assert_eq!(recv_text(&mut ws), format!("{me}: quiet please"));
+    proc.signal("TERM");
+    assert!(proc.wait().success());
+    let logged: Vec<String> = log.try_iter().collect();
+    assert!(logged.iter().all(|l| !l.contains("[INFO]")), "{logged:?}");
+}
+
+#[test]
+fn an_ipv6_address_can_be_bound() {
+    let server = ServerProc::start(&["--bind", "[::1]:0"]);
+    assert!(server.addr.is_ipv6());
+    let (mut ws, me) = join(server.addr);
+    assert!(me.starts_with("[::1]:"));
+    send(&mut ws, "six");
+    assert_eq!(recv_text(&mut ws), format!("{me}: six"));
+}
+
+#[test]
+fn an_address_in_use_is_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = server_binary()
+        .args(["--bind", &addr])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is another server running?"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+}

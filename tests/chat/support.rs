@@ -1,0 +1,398 @@
+//! Shared fixtures: servers on port 0, WebSocket and raw-socket clients whose every wait
+//! has a deadline, and child processes that are killed if a test fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use broadcast_chat::{Server, ServerConfig, WELCOME};
+use crossbeam_channel::Receiver;
+use tungstenite::protocol::WebSocket;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, Utf8Bytes};
+
+/// The longest any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// A server on a free loopback port.
+pub fn server(config: ServerConfig) -> Server {
+    let config = config.bind("127.0.0.1:0".parse().expect("address"));
+    Server::with_config(config).expect("server starts")
+}
+
+pub fn default_server() -> Server {
+    server(ServerConfig::default())
+}
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// A WebSocket client whose reads give up after [`WAIT`].
+pub fn connect(addr: SocketAddr) -> Ws {
+    let stream = TcpStream::connect(addr).expect("tcp connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+    ws
+}
+
+/// Connect and read the welcome; returns the client and its own address as the server
+/// tags it.
+pub fn join(addr: SocketAddr) -> (Ws, String) {
+    let mut ws = connect(addr);
+    assert_eq!(recv_text(&mut ws), WELCOME);
+    let local = ws.get_ref().local_addr().expect("local addr");
+    (ws, local.to_string())
+}
+
+/// The next text message, skipping pings and pongs.
+pub fn recv_text(ws: &mut Ws) -> String {
+    loop {
+        match ws.read().expect("a message before the deadline") {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// Read until the server's close frame; returns its code and reason, and every text that
+/// came before it.
+pub fn recv_until_close(ws: &mut Ws) -> (u16, String, Vec<String>) {
+    let mut texts = Vec::new();
+    loop {
+        match ws.read().expect("a close before the deadline") {
+            Message::Text(t) => texts.push(t.to_string()),
+            Message::Close(Some(frame)) => {
+                return (frame.code.into(), frame.reason.to_string(), texts);
+            }
+            Message::Close(None) => return (1005, String::new(), texts),
+            _ => {}
+        }
+    }
+}
+
+pub fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(Utf8Bytes::from(text))).expect("send");
+}
+
+pub fn close(ws: &mut Ws, code: CloseCode) {
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code,
+        reason: "".into(),
+    }))
+    .expect("send close");
+}
+
+/// Poll `condition` until it holds or [`WAIT`] passes; for states that raise no event,
+/// such as a count the kernel keeps.
+pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(ms(10));
+    }
+}
+
+/// A raw TCP client for what a WebSocket library would refuse to send.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn connect(addr: SocketAddr) -> Raw {
+        Raw::from_stream(TcpStream::connect(addr).expect("tcp connect"))
+    }
+
+    /// Connect and complete a WebSocket handshake by hand, then read the welcome.
+    pub fn join(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::connect(addr);
+        raw.handshake();
+        raw
+    }
+
+    pub fn handshake_request(&mut self) {
+        self.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        );
+    }
+
+    /// Send the upgrade request, expect 101, then the welcome.
+    pub fn handshake(&mut self) {
+        self.handshake_request();
+        let head = self.read_head();
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "handshake accepted: {head}"
+        );
+        let (opcode, payload) = self.read_frame();
+        assert_eq!((opcode, payload.as_slice()), (1, WELCOME.as_bytes()));
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Send one frame, masked as a client must unless `mask` is `None`.
+    pub fn frame(&mut self, first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+        let mut out = vec![first_byte];
+        let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n @ 0..=125 => out.push(mask_bit | n as u8),
+            n @ 126..=0xFFFF => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(key) => {
+                out.extend_from_slice(&key);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        self.write(&out);
+    }
+
+    /// Send one masked frame.
+    pub fn masked(&mut self, first_byte: u8, payload: &[u8]) {
+        self.frame(first_byte, payload, Some([0x12, 0x34, 0x56, 0x78]));
+    }
+
+    fn fill(&mut self, n: usize) {
+        while self.buf.len() < n {
+            let mut chunk = [0u8; 4096];
+            let read = self
+                .stream
+                .read(&mut chunk)
+                .expect("data before the deadline");
+            assert!(read > 0, "connection closed while {n} bytes were expected");
+            self.buf.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        self.fill(n);
+        self.buf.drain(..n).collect()
+    }
+
+    /// The HTTP response head, up to the blank line.
+    pub fn read_head(&mut self) -> String {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = self.take(end + 4);
+                return String::from_utf8_lossy(&head).into_owned();
+            }
+            let have = self.buf.len();
+            self.fill(have + 1);
+        }
+    }
+
+    /// Everything until the server closes the connection.
+    pub fn read_to_end(&mut self) -> Vec<u8> {
+        let mut rest = std::mem::take(&mut self.buf);
+        self.stream.read_to_end(&mut rest).expect("read to the end");
+        rest
+    }
+
+    /// One server frame: its opcode and payload. Asserts it is unmasked and final.
+    pub fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let head = self.take(2);
+        assert_eq!(head[0] & 0x80, 0x80, "server frames are final");
+        assert_eq!(head[1] & 0x80, 0, "server frames are unmasked");
+        let len = match head[1] & 0x7F {
+            126 => u16::from_be_bytes(self.take(2).try_into().expect("2 bytes")) as usize,
+            127 => u64::from_be_bytes(self.take(8).try_into().expect("8 bytes")) as usize,
+            n => n as usize,
+        };
+        (head[0] & 0x0F, self.take(len))
+    }
+
+    /// Skip frames until a close; returns its code (1005 if it had none).
+    pub fn read_close(&mut self) -> u16 {
+        loop {
+            let (opcode, payload) = self.read_frame();
+            if opcode == 8 {
+                return match payload.get(..2) {
+                    Some(code) => u16::from_be_bytes([code[0], code[1]]),
+                    None => 1005,
+                };
+            }
+        }
+    }
+
+    /// Whether the server has closed the TCP connection (reads end) within [`WAIT`].
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut sink = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
+}
+
+/// A child process that is killed when dropped, so a failing test leaves nothing behind.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(command: &mut Command) -> Proc {
+        Proc {
+            child: command.spawn().expect("spawn"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the process to exit, at most [`WAIT`].
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit in time",
+                self.pid()
+            );
+            thread::sleep(ms(10));
+        }
+    }
+
+    /// Wait for the exit, then collect what the process wrote to its piped outputs.
+    pub fn output(mut self) -> Output {
+        let status = self.wait();
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            pipe.read_to_end(&mut stdout).expect("read stdout");
+        }
+        if let Some(mut pipe) = self.child.stderr.take() {
+            pipe.read_to_end(&mut stderr).expect("read stderr");
+        }
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The server binary on a free port, with its stderr lines delivered on a channel.
+pub struct ServerProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub log: Receiver<String>,
+}
+
+impl ServerProc {
+    pub fn start(args: &[&str]) -> ServerProc {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_server")).args(args))
+    }
+
+    /// Start `command`, which runs the server binary with `--bind` left to the caller or
+    /// defaulted to a free port here.
+    pub fn start_with(command: &mut Command) -> ServerProc {
+        let has_bind = command.get_args().any(|a| a == "--bind");
+        if !has_bind {
+            command.args(["--bind", "127.0.0.1:0"]);
+        }
+        let mut proc = Proc::spawn(command.stdin(Stdio::null()).stderr(Stdio::piped()));
+        let log = lines(proc.child.stderr.take().expect("stderr"));
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            let line = log
+                .recv_deadline(deadline)
+                .expect("server logs its address");
+            if let Some(at) = line.find("listening on ws://") {
+                break line[at + "listening on ws://".len()..]
+                    .trim()
+                    .parse()
+                    .expect("addr");
+            }
+        };
+        ServerProc { proc, addr, log }
+    }
+
+    /// Wait for a log line containing `needle`; returns it.
+    pub fn expect_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.log.recv_deadline(deadline) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle:?}"),
+            }
+        }
+    }
+}
+
+/// The lines of `stderr`, read on a thread that ends with the stream.
+pub fn lines(stderr: ChildStderr) -> Receiver<String> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Counts read from /proc for process `pid`.
+pub fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+pub fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
