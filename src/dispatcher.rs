@@ -1,4 +1,4 @@
-//! The dispatcher: the one thread that owns the client list and the ring of recent
+//! The dispatcher: the one thread that owns the client list and the log of recent
 //! messages, and fans every broadcast out.
 //!
 //! Because one thread owns both, a join is atomic (the replayed history and the first live
@@ -6,10 +6,16 @@
 //! Connection threads talk to it only through [`Event`]s on one channel; it never blocks on
 //! a client (see [`crate::peer`] for how it writes).
 //!
-//! Events arriving together are handled as a batch: consecutive broadcasts are written to
-//! each client with one system call, which is where the fan-out's speed comes from.
+//! # The rolling scan
+//!
+//! Broadcasts are appended to a log, and each client has a cursor into it. The dispatcher
+//! visits the clients in turn and writes each one everything it lacks, in one system call,
+//! checking for new events between visits. A message that arrives while a scan is under way
+//! is picked up by every client not yet visited, so under load each write carries all that
+//! arrived since that client's last visit: the more traffic, the fewer system calls per
+//! delivery. When every client is up to date the dispatcher sleeps on the channel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,17 +36,22 @@ pub(crate) enum Event {
     Broadcast(Frame),
     /// A pong for one client, answering its ping.
     Pong(PeerId, Frame),
-    /// A client is done. Send it `close` after everything queued before it, then forget it.
+    /// A client is done. Send it `close` after everything broadcast before, then forget it.
     Leave(PeerId, Option<Frame>),
     /// The server is stopping: close every client with 1001 and refuse new ones.
     Shutdown,
 }
 
-/// How often the dispatcher looks after timers when no event wakes it.
+/// How often the dispatcher looks after timers.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+/// Events taken in between two client visits, at most.
+const EVENTS_PER_VISIT: usize = 4 * MAX_BATCH;
 
 struct Client {
     outlet: Outlet,
+    /// The sequence number of the next broadcast this client needs.
+    next: u64,
     /// When the server sent this client a close it has not answered yet.
     closing_since: Option<Instant>,
 }
@@ -49,8 +60,15 @@ struct Client {
 pub(crate) struct Dispatcher {
     clients: Vec<Client>,
     index: HashMap<PeerId, usize>,
-    ring: VecDeque<Frame>,
-    batch: Vec<Frame>,
+    /// Broadcasts some client still lacks, and at least the last `history` ones.
+    log: Vec<Frame>,
+    /// The sequence number of `log[0]`.
+    base: u64,
+    /// The next client the scan visits.
+    pos: usize,
+    /// Visits in a row that left a client up to date with no broadcast since; once it
+    /// covers every client there is nothing to write.
+    settled: usize,
     welcome: Frame,
     history: usize,
     queue: usize,
@@ -62,18 +80,19 @@ pub(crate) struct Dispatcher {
 
 impl Dispatcher {
     pub(crate) fn new(config: &ServerConfig) -> Self {
-        let now = Instant::now();
         Self {
             clients: Vec::new(),
             index: HashMap::new(),
-            ring: VecDeque::with_capacity(config.history),
-            batch: Vec::with_capacity(MAX_BATCH),
+            log: Vec::new(),
+            base: 0,
+            pos: 0,
+            settled: 0,
             welcome: message::welcome(),
             history: config.history,
             queue: config.queue,
             ping_interval: config.ping_interval,
             close_timeout: config.close_timeout,
-            next_ping: now + config.ping_interval.unwrap_or(HOUSEKEEPING),
+            next_ping: Instant::now() + config.ping_interval.unwrap_or(HOUSEKEEPING),
             stopping: false,
         }
     }
@@ -83,16 +102,17 @@ impl Dispatcher {
     pub(crate) fn run(mut self, events: &Receiver<Event>) {
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         loop {
-            match events.recv_deadline(next_housekeeping) {
-                Ok(event) => {
+            if self.settled < self.clients.len() {
+                for event in events.try_iter().take(EVENTS_PER_VISIT) {
                     self.handle(event);
-                    for event in events.try_iter().take(4 * MAX_BATCH) {
-                        self.handle(event);
-                    }
-                    self.flush();
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                self.visit();
+            } else {
+                match events.recv_deadline(next_housekeeping) {
+                    Ok(event) => self.handle(event),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
             }
             let now = Instant::now();
             if now >= next_housekeeping {
@@ -106,38 +126,24 @@ impl Dispatcher {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Broadcast(frame) => {
-                if self.history > 0 {
-                    if self.ring.len() == self.history {
-                        self.ring.pop_front();
-                    }
-                    self.ring.push_back(frame.clone());
-                }
-                self.batch.push(frame);
-                if self.batch.len() == MAX_BATCH {
-                    self.flush();
-                }
+                self.log.push(frame);
+                self.settled = 0;
             }
-            Event::Join(peer) => {
-                self.flush();
-                self.join(peer);
-            }
+            Event::Join(peer) => self.join(peer),
             Event::Pong(id, frame) => {
-                self.flush();
-                if let Some(client) = self.client(id) {
-                    let sent = client.outlet.send(std::slice::from_ref(&frame));
-                    self.settle(id, sent);
+                if let Some(i) = self.index.get(&id).copied() {
+                    let sent = self.clients[i].outlet.send(std::slice::from_ref(&frame));
+                    self.settle(i, sent);
                 }
             }
-            Event::Leave(id, close) => {
-                self.flush();
-                self.leave(id, close);
-            }
+            Event::Leave(id, close) => self.leave(id, close),
             Event::Shutdown => {
-                self.flush();
                 self.stopping = true;
                 let now = Instant::now();
                 let frame = message::close(CloseCode::Away, "server shutting down");
-                for client in &mut self.clients {
+                for i in 0..self.clients.len() {
+                    self.catch_up(i);
+                    let client = &mut self.clients[i];
                     client.outlet.close(frame.clone());
                     client.closing_since.get_or_insert(now);
                 }
@@ -145,89 +151,118 @@ impl Dispatcher {
         }
     }
 
-    /// Greet `peer`, replay the history and add it, all before any later broadcast.
-    fn join(&mut self, peer: Arc<Peer>) {
-        let id = peer.id;
-        let mut outlet = Outlet::new(peer, self.queue);
-        if self.stopping {
-            outlet.close(message::close(CloseCode::Away, "server shutting down"));
-            self.add(outlet, Some(Instant::now()));
-            return;
-        }
-        let greeting: Vec<Frame> = std::iter::once(self.welcome.clone())
-            .chain(self.ring.iter().cloned())
-            .collect();
-        let mut sent = Sent::Done;
-        for chunk in greeting.chunks(MAX_BATCH) {
-            sent = outlet.send(chunk);
-            if sent != Sent::Done {
-                break;
-            }
-        }
-        self.add(outlet, None);
-        self.settle(id, sent);
+    fn head(&self) -> u64 {
+        self.base + self.log.len() as u64
     }
 
-    fn add(&mut self, outlet: Outlet, closing_since: Option<Instant>) {
+    /// Greet `peer`, replay the history and add it, all before any later broadcast.
+    fn join(&mut self, peer: Arc<Peer>) {
+        let mut outlet = Outlet::new(peer, self.queue);
+        let mut closing_since = None;
+        let mut sent = Sent::Done;
+        if self.stopping {
+            outlet.close(message::close(CloseCode::Away, "server shutting down"));
+            closing_since = Some(Instant::now());
+        } else {
+            let history = &self.log[self.log.len().saturating_sub(self.history)..];
+            sent = outlet.send(std::slice::from_ref(&self.welcome));
+            for chunk in history.chunks(MAX_BATCH) {
+                if sent != Sent::Done {
+                    break;
+                }
+                sent = outlet.send(chunk);
+            }
+        }
         self.index.insert(outlet.peer.id, self.clients.len());
         self.clients.push(Client {
             outlet,
+            next: self.head(),
             closing_since,
         });
+        self.settle(self.clients.len() - 1, sent);
     }
 
     fn leave(&mut self, id: PeerId, close: Option<Frame>) {
         let Some(i) = self.index.remove(&id) else {
             return;
         };
+        self.catch_up(i);
         let mut client = self.clients.swap_remove(i);
         if let Some(moved) = self.clients.get(i) {
             self.index.insert(moved.outlet.peer.id, i);
         }
+        // The client moved into `i` may not have been visited yet: scan everyone again.
+        self.settled = 0;
         if let Some(frame) = close {
             client.outlet.close(frame);
         }
     }
 
-    fn client(&mut self, id: PeerId) -> Option<&mut Client> {
-        let i = *self.index.get(&id)?;
-        self.clients.get_mut(i)
+    /// Bring the next client in turn up to date.
+    fn visit(&mut self) {
+        if self.pos >= self.clients.len() {
+            self.pos = 0;
+            self.trim();
+        }
+        if self.pos < self.clients.len() {
+            self.catch_up(self.pos);
+            self.pos += 1;
+            self.settled += 1;
+        }
     }
 
-    /// Write the pending broadcasts to every client, each with one system call.
-    fn flush(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let mut overflowed = Vec::new();
-        for client in &mut self.clients {
-            if client.outlet.send(&self.batch) == Sent::Overflow {
-                overflowed.push(client.outlet.peer.id);
+    /// Write client `i` every broadcast it lacks, in as few system calls as frames allow.
+    fn catch_up(&mut self, i: usize) {
+        let head = self.head();
+        let client = &mut self.clients[i];
+        while client.next < head {
+            let start = (client.next - self.base) as usize;
+            let end = self.log.len().min(start + MAX_BATCH);
+            let sent = client.outlet.send(&self.log[start..end]);
+            client.next = if sent == Sent::Done {
+                self.base + end as u64
+            } else {
+                head
+            };
+            if sent == Sent::Overflow {
+                self.settle(i, sent);
+                return;
             }
         }
-        self.batch.clear();
-        for id in overflowed {
-            self.settle(id, Sent::Overflow);
+    }
+
+    /// Forget the broadcasts every client has, keeping the last `history`.
+    fn trim(&mut self) {
+        let oldest_needed = self
+            .clients
+            .iter()
+            .map(|c| c.next)
+            .min()
+            .unwrap_or(self.head());
+        let unneeded = (oldest_needed - self.base) as usize;
+        let drop = unneeded.min(self.log.len().saturating_sub(self.history));
+        if drop > 0 {
+            self.log.drain(..drop);
+            self.base += drop as u64;
         }
     }
 
-    /// Close a client whose backlog overflowed.
-    fn settle(&mut self, id: PeerId, sent: Sent) {
+    /// Close client `i` if its backlog overflowed.
+    fn settle(&mut self, i: usize, sent: Sent) {
         if sent != Sent::Overflow {
             return;
         }
         let queue = self.queue;
-        if let Some(client) = self.client(id) {
-            warn!(
-                "closing {}: it is not reading and fell {queue} messages behind",
-                client.outlet.peer.addr
-            );
-            let reason = format!("too slow: fell {queue} messages behind");
-            client
-                .outlet
-                .close(message::close(CloseCode::Policy, &reason));
-            client.closing_since.get_or_insert_with(Instant::now);
-        }
+        let client = &mut self.clients[i];
+        warn!(
+            "closing {}: it is not reading and fell {queue} messages behind",
+            client.outlet.peer.addr
+        );
+        let reason = format!("too slow: fell {queue} messages behind");
+        client
+            .outlet
+            .close(message::close(CloseCode::Policy, &reason));
+        client.closing_since.get_or_insert_with(Instant::now);
     }
 
     /// Ping everyone when due, drop the silent, and cut closes that were never answered.
@@ -251,7 +286,8 @@ impl Dispatcher {
         }
         self.next_ping = now + interval;
         let ping = message::ping();
-        for client in &mut self.clients {
+        for i in 0..self.clients.len() {
+            let client = &mut self.clients[i];
             if client.closing_since.is_some() {
                 continue;
             }
@@ -265,7 +301,8 @@ impl Dispatcher {
                 client.outlet.peer.abort();
                 client.closing_since = Some(now);
             } else {
-                client.outlet.send(std::slice::from_ref(&ping));
+                let sent = client.outlet.send(std::slice::from_ref(&ping));
+                self.settle(i, sent);
             }
         }
     }
