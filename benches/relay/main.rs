@@ -1,0 +1,209 @@
+//! `cargo bench --bench relay`: our own load harness. Std threads and blocking sockets, like
+//! the product; no criterion, no async runtime.
+//!
+//! By default it starts the release server pinned to CPU 0 with logging at warn, pins itself
+//! to CPU 1, and runs every scenario. `-- --url ws://HOST:PORT --pid PID --label NAME`
+//! measures any other server speaking the protocol instead; `-- --quick` is the short run
+//! CI uses; `-- --chart` redraws `docs/bench.svg` from the results collected so far.
+
+mod fanout;
+mod procfs;
+mod report;
+mod scale;
+mod wire;
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "Load harness for broadcast-chat and servers speaking its protocol")]
+struct Args {
+    /// Measure the server at this URL instead of starting ours
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Process id of the server at --url, for its CPU time and memory
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// Name for this server in the table and the results
+    #[arg(long, value_name = "NAME")]
+    label: Option<String>,
+    /// A short run, to check that the harness works (CI runs this)
+    #[arg(long)]
+    quick: bool,
+    /// Run only these scenarios: fanout, latency, connections, churn
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    only: Vec<String>,
+    /// Receiver counts for the fan-out scenario [default: 1,10,100,1000; quick: 1,10,100]
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    receivers: Vec<usize>,
+    /// Seconds each fan-out run lasts [default: 3; quick: 0.3]
+    #[arg(long, value_name = "SECS")]
+    seconds: Option<f64>,
+    /// Concurrent clients in the connections scenario
+    #[arg(long, value_name = "N")]
+    connections: Option<usize>,
+    /// Redraw docs/bench.svg from target/bench/results.jsonl and exit
+    #[arg(long)]
+    chart: bool,
+    /// Passed by `cargo bench`; ignored
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// The server under test.
+pub struct Target {
+    pub addr: SocketAddr,
+    /// Its process id as /proc names it.
+    pub pid: String,
+    pub label: String,
+}
+
+/// Our release server, started for the run and stopped when dropped.
+struct OwnServer(Child);
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.chart {
+        match report::chart() {
+            Ok(path) => println!("wrote {}", path.display()),
+            Err(e) => {
+                eprintln!("relay: cannot draw the chart: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let pinned = pin_self();
+    let (target, _own) = match &args.url {
+        Some(url) => (external(url, &args), None),
+        None => {
+            let (target, child) = start_own(pinned);
+            (target, Some(child))
+        }
+    };
+    println!(
+        "target: {} at ws://{} (pid {}), harness pinned: {pinned}",
+        target.label, target.addr, target.pid
+    );
+    let mut out = report::Report::new(&target.label, args.quick);
+    let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let sizes = match (&args.receivers[..], args.quick) {
+        ([], true) => vec![1, 10, 100],
+        ([], false) => vec![1, 10, 100, 1000],
+        (list, _) => list.to_vec(),
+    };
+    let seconds = args.seconds.unwrap_or(if args.quick { 0.3 } else { 3.0 });
+    let run_for = Duration::from_secs_f64(seconds);
+    if wants("fanout") {
+        for &n in &sizes {
+            match fanout::run(&target, n, 8, run_for) {
+                Ok(result) => out.fanout("fanout", &result),
+                Err(e) => out.failed(&format!("fanout N={n}"), &e),
+            }
+        }
+    }
+    if wants("latency") {
+        let n = if args.quick { 10 } else { 100 };
+        match fanout::run(&target, n, 1, run_for) {
+            Ok(result) => out.fanout("latency", &result),
+            Err(e) => out.failed("latency", &e),
+        }
+    }
+    if wants("connections") {
+        let count = args
+            .connections
+            .unwrap_or(if args.quick { 500 } else { 10_000 });
+        match scale::connections(&target, count, 4) {
+            Ok(result) => out.connections(&result),
+            Err(e) => out.failed("connections", &e),
+        }
+    }
+    if wants("churn") {
+        let seconds = if args.quick { 0.5 } else { 3.0 };
+        out.churn(&scale::churn(&target, Duration::from_secs_f64(seconds), 8));
+    }
+    out.finish();
+}
+
+/// Pin this process to CPU 1 when the machine has a second CPU for the server.
+fn pin_self() -> bool {
+    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return false;
+    }
+    let pid = std::process::id().to_string();
+    Command::new("taskset")
+        .args(["-a", "-p", "-c", "1", &pid])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn external(url: &str, args: &Args) -> Target {
+    let hostport = url.trim_start_matches("ws://").trim_end_matches('/');
+    let addr = hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve {url}; expected ws://HOST:PORT"));
+    Target {
+        addr,
+        pid: args.pid.map_or_else(|| "0".to_string(), |p| p.to_string()),
+        label: args.label.clone().unwrap_or_else(|| url.to_string()),
+    }
+}
+
+/// Start the release server on a free port, pinned to CPU 0 when we are pinned to CPU 1.
+fn start_own(pinned: bool) -> (Target, OwnServer) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let server = env!("CARGO_BIN_EXE_server");
+    let bind = addr.to_string();
+    let server_args = ["--bind", bind.as_str(), "--log-level", "warn"];
+    let mut command = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", server]).args(server_args);
+        c
+    } else {
+        let mut c = Command::new(server);
+        c.args(server_args);
+        c
+    };
+    let child = command
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let pid = child.id().to_string();
+    let own = OwnServer(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not start listening"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    (
+        Target {
+            addr,
+            pid,
+            label: "broadcast-chat".to_string(),
+        },
+        own,
+    )
+}
