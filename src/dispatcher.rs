@@ -188,11 +188,13 @@ impl Dispatcher {
         };
         self.catch_up(i);
         let mut client = self.clients.swap_remove(i);
+        // The leaver may have been counted as settled; the client moved into its place may
+        // be skipped by this round of the scan, so bring it up to date now.
+        self.settled = self.settled.saturating_sub(1);
         if let Some(moved) = self.clients.get(i) {
             self.index.insert(moved.outlet.peer.id, i);
+            self.catch_up(i);
         }
-        // The client moved into `i` may not have been visited yet: scan everyone again.
-        self.settled = 0;
         if let Some(frame) = close {
             client.outlet.close(frame);
         }
