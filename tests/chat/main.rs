@@ -19,3 +19,5 @@ mod lifecycle;
 mod server_cli;
 // The client binary, driven through its stdin.
 mod client_cli;
+// The chat page in headless Chromium.
+mod browser;
