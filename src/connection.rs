@@ -67,19 +67,19 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context) {
         }
         Ok(Outcome::Answered { status, detail }) => {
             if status < 400 {
-                debug!("{}: HTTP {status}, {detail}", peer.addr);
+                info!("{} left after HTTP {status}: {detail}", peer.addr);
             } else {
                 info!("{} refused with HTTP {status}: {detail}", peer.addr);
             }
             close_gracefully(&peer.stream, LINGER);
         }
-        Ok(Outcome::Vanished) => debug!("{} left before sending a request", peer.addr),
+        Ok(Outcome::Vanished) => info!("{} left before sending a request", peer.addr),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => info!(
             "{} did not complete the handshake within {} s; closed",
             peer.addr,
             context.config.handshake_timeout.as_secs_f32()
         ),
-        Err(e) => debug!("{}: handshake failed: {e}", peer.addr),
+        Err(e) => info!("{} left during the handshake: {e}", peer.addr),
     }
     let _ = peer.stream.shutdown(Shutdown::Both);
 }

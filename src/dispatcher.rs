@@ -165,12 +165,14 @@ impl Dispatcher {
             closing_since = Some(Instant::now());
         } else {
             let history = &self.log[self.log.len().saturating_sub(self.history)..];
-            sent = outlet.send(std::slice::from_ref(&self.welcome));
-            for chunk in history.chunks(MAX_BATCH) {
+            let greeting: Vec<Frame> = std::iter::once(self.welcome.clone())
+                .chain(history.iter().cloned())
+                .collect();
+            for chunk in greeting.chunks(MAX_BATCH) {
+                sent = outlet.send(chunk);
                 if sent != Sent::Done {
                     break;
                 }
-                sent = outlet.send(chunk);
             }
         }
         self.index.insert(outlet.peer.id, self.clients.len());

@@ -197,7 +197,13 @@ impl Peer {
 #[derive(Debug)]
 pub(crate) struct Outlet {
     pub(crate) peer: Arc<Peer>,
-    backlog: Option<Sender<Frame>>,
+    backlog: Backlog,
+}
+
+/// The sending end of a client's backlog channel, while a writer thread drains it.
+#[derive(Debug)]
+struct Backlog {
+    tx: Option<Sender<Frame>>,
     capacity: usize,
 }
 
@@ -206,28 +212,30 @@ impl Outlet {
     pub(crate) fn new(peer: Arc<Peer>, capacity: usize) -> Self {
         Self {
             peer,
-            backlog: None,
-            capacity: capacity.max(1),
+            backlog: Backlog {
+                tx: None,
+                capacity: capacity.max(1),
+            },
         }
     }
 
     /// Send `frames` (at most [`MAX_BATCH`]) in order, never blocking.
     pub(crate) fn send(&mut self, frames: &[Frame]) -> Sent {
-        let peer = Arc::clone(&self.peer);
+        let peer = &self.peer;
         let mut state = peer.write.lock();
         if state.gone || !matches!(state.close, Close::Open) {
             return Sent::Gone;
         }
         if state.draining {
-            return self.enqueue(frames.iter().cloned());
+            return self.backlog.enqueue(frames.iter().cloned());
         }
         match peer.write_now(frames) {
             Ok(written) => match leftover(frames, written) {
                 None => Sent::Done,
-                Some((partial, rest)) => self.start_backlog(
-                    &mut state,
-                    std::iter::once(partial).chain(rest.iter().cloned()),
-                ),
+                Some((partial, rest)) => {
+                    let frames = std::iter::once(partial).chain(rest.iter().cloned());
+                    self.backlog.start(peer, &mut state, frames)
+                }
             },
             Err(e) => {
                 debug!("write to {} failed: {e}", peer.addr);
@@ -242,40 +250,42 @@ impl Outlet {
     /// Send the close frame after everything already sent. Afterwards the client takes
     /// nothing more; a second close is ignored.
     pub(crate) fn close(&mut self, frame: Frame) {
-        let peer = Arc::clone(&self.peer);
+        let peer = &self.peer;
         let mut state = peer.write.lock();
         if state.gone || !matches!(state.close, Close::Open) {
             return;
         }
         if state.draining {
             state.close = Close::Pending(frame);
-            return;
+        } else {
+            match peer.write_now(std::slice::from_ref(&frame)) {
+                Ok(written) if written == frame.len() => {
+                    state.close = Close::Written;
+                    peer.changed.notify_all();
+                }
+                Ok(written) => {
+                    state.close = Close::Pending(frame.slice(written..));
+                    self.backlog.start(peer, &mut state, std::iter::empty());
+                }
+                Err(e) => {
+                    debug!("close to {} failed: {e}", peer.addr);
+                    peer.mark_gone(&mut state);
+                }
+            }
         }
-        match peer.write_now(std::slice::from_ref(&frame)) {
-            Ok(written) if written == frame.len() => {
-                state.close = Close::Written;
-                peer.changed.notify_all();
-            }
-            Ok(written) => {
-                state.close = Close::Pending(frame.slice(written..));
-                self.start_backlog(&mut state, std::iter::empty());
-            }
-            Err(e) => {
-                debug!("close to {} failed: {e}", peer.addr);
-                peer.mark_gone(&mut state);
-            }
-        }
-        // The backlog channel has served its purpose once the close is queued: dropping it
+        // The channel has served its purpose once the close is queued: dropping its sender
         // lets the writer end as soon as the queue is empty.
-        self.backlog = None;
+        self.backlog.tx = None;
     }
+}
 
-    fn enqueue(&mut self, frames: impl Iterator<Item = Frame>) -> Sent {
-        let Some(backlog) = &self.backlog else {
+impl Backlog {
+    fn enqueue(&self, frames: impl Iterator<Item = Frame>) -> Sent {
+        let Some(tx) = &self.tx else {
             return Sent::Gone;
         };
         for frame in frames {
-            match backlog.try_send(frame) {
+            match tx.try_send(frame) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => return Sent::Overflow,
                 Err(TrySendError::Disconnected(_)) => return Sent::Gone,
@@ -285,8 +295,9 @@ impl Outlet {
     }
 
     /// Hand `frames` to a new writer thread, which owns the socket until they are written.
-    fn start_backlog(
+    fn start(
         &mut self,
+        peer: &Arc<Peer>,
         state: &mut WriteState,
         frames: impl Iterator<Item = Frame>,
     ) -> Sent {
@@ -295,13 +306,13 @@ impl Outlet {
             let _ = previous.join();
         }
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
-        self.backlog = Some(tx);
+        self.tx = Some(tx);
         let sent = self.enqueue(frames);
-        let peer = Arc::clone(&self.peer);
+        let writer_peer = Arc::clone(peer);
         let spawned = thread::Builder::new()
-            .name(format!("writer {}", self.peer.id))
+            .name(format!("writer {}", peer.id))
             .stack_size(WRITER_STACK)
-            .spawn(move || drain_backlog(&peer, &rx));
+            .spawn(move || drain_backlog(&writer_peer, &rx));
         match spawned {
             Ok(handle) => {
                 state.draining = true;
@@ -311,11 +322,11 @@ impl Outlet {
             Err(e) => {
                 error!(
                     "cannot start a writer thread for {}: {e}; dropping the client",
-                    self.peer.addr
+                    peer.addr
                 );
-                self.backlog = None;
-                self.peer.mark_gone(state);
-                self.peer.abort();
+                self.tx = None;
+                peer.mark_gone(state);
+                peer.abort();
                 Sent::Gone
             }
         }
