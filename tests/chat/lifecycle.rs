@@ -131,3 +131,23 @@ fn running_out_of_descriptors_does_not_end_the_server() {
     send(&mut ws, "still serving");
     assert_eq!(recv_text(&mut ws), format!("{me}: still serving"));
 }
+
+#[test]
+fn a_backlog_writer_thread_lives_only_while_its_client_is_behind() {
+    let server = ServerProc::start(&["--queue", "8", "--history", "0"]);
+    let pid = server.proc.pid();
+    let threads = threads_of(pid);
+    let _stalled = stalled_client(server.addr);
+    let (mut sender, tag) = join(server.addr);
+    flood(&mut sender, &tag, 600, 16 * 1024);
+    // Two clients and the stalled one's writer, until its unanswered close times out.
+    eventually("a writer for the stalled client", || {
+        threads_of(pid) == threads + 3
+    });
+    server.expect_log("fell 8 messages behind");
+    eventually("the stalled client and its writer gone", || {
+        threads_of(pid) == threads + 1
+    });
+    drop(sender);
+    eventually("back to the start", || threads_of(pid) == threads);
+}

@@ -1,25 +1,12 @@
 use std::io::{ErrorKind, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::thread;
 use std::time::Instant;
 
 use broadcast_chat::ServerConfig;
-use socket2::{Domain, Socket, Type};
 use tungstenite::Message;
 
 use crate::support::*;
-
-/// A raw client with a tiny receive buffer, so that not reading fills up fast.
-fn stalled_client(addr: SocketAddr) -> Raw {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket
-        .set_recv_buffer_size(4096)
-        .expect("small receive buffer");
-    socket.connect(&addr.into()).expect("connect");
-    let mut raw = Raw::from_stream(socket.into());
-    raw.handshake();
-    raw
-}
 
 #[test]
 fn a_client_that_does_not_read_is_closed_with_1008_while_the_others_get_everything() {
@@ -182,4 +169,18 @@ fn keepalive_pings_clients_and_drops_the_silent_ones() {
             "not dropped before two intervals"
         );
     });
+}
+
+#[test]
+fn connections_beyond_the_client_limit_and_the_spare_ones_are_closed_at_once() {
+    let server = server(ServerConfig::default().max_clients(1));
+    let addr = server.local_addr();
+    let (_member, _) = join(addr);
+    // 64 connections may wait in their handshake beyond the limit (to be told 503).
+    let _waiting: Vec<Raw> = (0..64).map(|_| Raw::connect(addr)).collect();
+    let mut extra = Raw::connect(addr);
+    assert!(
+        extra.read_to_end().is_empty(),
+        "closed without a word or a thread"
+    );
 }

@@ -253,6 +253,33 @@ impl Raw {
     }
 }
 
+/// A raw client with a tiny receive buffer, so that not reading fills up fast.
+pub fn stalled_client(addr: SocketAddr) -> Raw {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    socket.connect(&addr.into()).expect("connect");
+    let mut raw = Raw::from_stream(socket.into());
+    raw.handshake();
+    raw
+}
+
+/// Send `count` messages of `size` bytes from `sender`, each heard back before the next,
+/// and return the lines as every client receives them.
+pub fn flood(sender: &mut Ws, tag: &str, count: usize, size: usize) -> Vec<String> {
+    let payload = "z".repeat(size);
+    (0..count)
+        .map(|i| {
+            let line = format!("{tag}: {i} {payload}");
+            send(sender, &format!("{i} {payload}"));
+            assert_eq!(recv_text(sender), line, "the sender hears itself at once");
+            line
+        })
+        .collect()
+}
+
 /// A child process that is killed when dropped, so a failing test leaves nothing behind.
 pub struct Proc {
     pub child: Child,
