@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use log::{debug, info};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, error::ProtocolError};
 
 use crate::config::ServerConfig;
-use crate::dispatcher::Event;
+use crate::dispatcher::{Event, Events};
 use crate::error::is_disconnect;
 use crate::handshake::{self, Admission, Outcome};
 use crate::message::{self, Frame};
@@ -37,7 +36,7 @@ const LINGER: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) struct Context {
     pub(crate) config: ServerConfig,
-    pub(crate) events: Sender<Event>,
+    pub(crate) events: Events,
     /// Clients past the handshake, bounded by `config.max_clients`.
     pub(crate) clients: AtomicUsize,
 }

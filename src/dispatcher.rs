@@ -16,10 +16,12 @@
 //! delivery. When every client is up to date the dispatcher sleeps on the channel.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, SendError, Sender, TryRecvError};
 use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -40,6 +42,95 @@ pub(crate) enum Event {
     Leave(PeerId, Option<Frame>),
     /// The server is stopping: close every client with 1001 and refuse new ones.
     Shutdown,
+}
+
+/// The dispatcher's event channel: the sending side, shared by the connection threads, and
+/// the receiving side. See [`Events`] for why it wraps a crossbeam channel.
+pub(crate) fn channel(capacity: usize) -> (Events, Inbox) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let bell = Arc::new(Bell::default());
+    (
+        Events {
+            tx,
+            bell: Arc::clone(&bell),
+        },
+        Inbox { rx, bell },
+    )
+}
+
+/// The connection threads' side of the dispatcher's event channel.
+///
+/// A crossbeam receiver spins and yields before it sleeps, which pays off when its sender
+/// runs on another core. A busy server has one core's worth of work, and those cycles are
+/// taken from the very thread about to send. So the dispatcher sleeps at once
+/// (`thread::park`), and a sender rings it awake only if it sleeps. Measured with one
+/// receiver (where the hand-off is most of the work): 4.9 µs of server CPU per delivery
+/// with crossbeam's wait, 4.1 with this one.
+#[derive(Debug)]
+pub(crate) struct Events {
+    tx: Sender<Event>,
+    bell: Arc<Bell>,
+}
+
+/// The dispatcher's side of the event channel.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    rx: Receiver<Event>,
+    bell: Arc<Bell>,
+}
+
+#[derive(Debug, Default)]
+struct Bell {
+    asleep: AtomicBool,
+    dispatcher: OnceLock<Thread>,
+}
+
+impl Bell {
+    /// Wake the dispatcher if it sleeps. The fence pairs with the one in [`Inbox::wait`]:
+    /// either the dispatcher sees the event, or this sees it asleep and unparks it.
+    fn ring(&self) {
+        fence(Ordering::SeqCst);
+        if self.asleep.load(Ordering::Relaxed)
+            && let Some(dispatcher) = self.dispatcher.get()
+        {
+            dispatcher.unpark();
+        }
+    }
+}
+
+impl Events {
+    /// Queue `event`, waiting while the queue is full; fails once the dispatcher is gone.
+    pub(crate) fn send(&self, event: Event) -> Result<(), SendError<Event>> {
+        self.tx.send(event)?;
+        self.bell.ring();
+        Ok(())
+    }
+}
+
+impl Drop for Events {
+    /// The last sender is gone: let the dispatcher find out now rather than at its next timer.
+    fn drop(&mut self) {
+        self.bell.ring();
+    }
+}
+
+impl Inbox {
+    /// The next event, waiting no later than `deadline`; `Ok(None)` when woken without one.
+    /// Fails once every sender is gone.
+    fn wait(&self, deadline: Instant) -> Result<Option<Event>, TryRecvError> {
+        self.bell.asleep.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let event = match self.rx.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(TryRecvError::Empty) => {
+                thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        self.bell.asleep.store(false, Ordering::Relaxed);
+        event
+    }
 }
 
 /// How often the dispatcher looks after timers.
@@ -99,19 +190,20 @@ impl Dispatcher {
 
     /// Handle events until every sender is gone, which happens once the server has stopped
     /// and every connection thread has ended.
-    pub(crate) fn run(mut self, events: &Receiver<Event>) {
+    pub(crate) fn run(mut self, inbox: &Inbox) {
+        inbox.bell.dispatcher.get_or_init(thread::current);
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         loop {
             if self.settled < self.clients.len() {
-                for event in events.try_iter().take(EVENTS_PER_VISIT) {
+                for event in inbox.rx.try_iter().take(EVENTS_PER_VISIT) {
                     self.handle(event);
                 }
                 self.visit();
             } else {
-                match events.recv_deadline(next_housekeeping) {
-                    Ok(event) => self.handle(event),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => break,
+                match inbox.wait(next_housekeeping) {
+                    Ok(Some(event)) => self.handle(event),
+                    Ok(None) => {}
+                    Err(_) => break,
                 }
             }
             let now = Instant::now();

@@ -23,7 +23,7 @@ use socket2::SockRef;
 
 use crate::config::ServerConfig;
 use crate::connection::{self, Context};
-use crate::dispatcher::{Dispatcher, Event};
+use crate::dispatcher::{self, Dispatcher, Event};
 use crate::error::{Error, Result};
 use crate::peer::{Peer, PeerId};
 
@@ -82,11 +82,11 @@ impl Server {
         })?;
         let local_addr = listener.local_addr()?;
         let listener = Arc::new(listener);
-        let (events, events_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+        let (events, inbox) = dispatcher::channel(EVENT_QUEUE);
         let dispatcher = Dispatcher::new(&config);
         let dispatcher = thread::Builder::new()
             .name("dispatcher".into())
-            .spawn(move || dispatcher.run(&events_rx))
+            .spawn(move || dispatcher.run(&inbox))
             .map_err(|source| Error::Spawn {
                 what: "dispatcher",
                 source,
