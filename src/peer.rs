@@ -186,6 +186,15 @@ impl Peer {
         Ok(())
     }
 
+    /// The close frame is out, and it is the last thing we send: shut the sending side
+    /// down at once, so the client sees the end of the connection without waiting for the
+    /// connection thread. Reading goes on, for the client's answer.
+    fn close_written(&self, state: &mut WriteState) {
+        state.close = Close::Written;
+        let _ = self.stream.shutdown(Shutdown::Write);
+        self.changed.notify_all();
+    }
+
     fn mark_gone(&self, state: &mut WriteState) {
         state.gone = true;
         self.changed.notify_all();
@@ -259,10 +268,7 @@ impl Outlet {
             state.close = Close::Pending(frame);
         } else {
             match peer.write_now(std::slice::from_ref(&frame)) {
-                Ok(written) if written == frame.len() => {
-                    state.close = Close::Written;
-                    peer.changed.notify_all();
-                }
+                Ok(written) if written == frame.len() => peer.close_written(&mut state),
                 Ok(written) => {
                     state.close = Close::Pending(frame.slice(written..));
                     self.backlog.start(peer, &mut state, std::iter::empty());
@@ -361,7 +367,7 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
                 let result = peer.write_all(std::slice::from_ref(&frame));
                 state = peer.write.lock();
                 match result {
-                    Ok(()) => state.close = Close::Written,
+                    Ok(()) => peer.close_written(&mut state),
                     Err(_) => state.gone = true,
                 }
             }
