@@ -183,17 +183,23 @@ pub fn chart() -> io::Result<PathBuf> {
         .map(parse)
         .filter(|r| r.get("quick").map(String::as_str) == Some("false"))
         .collect();
+    // Each server's latest full fan-out run: one with every receiver count the chart shows.
+    let fanout = |r: &&Record| r.get("scenario").map(String::as_str) == Some("fanout");
+    let mut runs: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for r in records.iter().filter(fanout) {
+        runs.entry((r["label"].clone(), r["run"].clone()))
+            .or_default()
+            .push(number(r, "n"));
+    }
     let mut latest: BTreeMap<String, String> = BTreeMap::new();
-    for r in records
-        .iter()
-        .filter(|r| r.get("scenario").map(String::as_str) == Some("fanout"))
-    {
-        let (label, run) = (r["label"].clone(), r["run"].clone());
-        let newer = latest
-            .get(&label)
-            .is_none_or(|known| number(r, "run") >= known.parse().unwrap_or(0.0));
-        if newer {
-            latest.insert(label, run);
+    for ((label, run), sizes) in runs {
+        if [1.0, 10.0, 100.0, 1000.0].iter().all(|n| sizes.contains(n)) {
+            let newer = latest
+                .get(&label)
+                .is_none_or(|known| run.parse().unwrap_or(0.0) >= known.parse().unwrap_or(0.0));
+            if newer {
+                latest.insert(label, run);
+            }
         }
     }
     let series: Vec<(String, Vec<&Record>)> = latest
