@@ -24,11 +24,12 @@
 //! (`connection`), which does the handshake (`handshake`, and `web` for the page) and reads
 //! the client's frames. One dispatcher thread (`dispatcher`) owns the client list and the
 //! recent messages and writes every broadcast (`peer`) in the wire format (`message`).
-//! [`client`] is the command-line client.
+//! [`client`] is the command-line client; [`cli`] holds what both binaries share.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations, unused_must_use)]
 
+pub mod cli;
 pub mod client;
 mod config;
 mod connection;

@@ -29,18 +29,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args: Args = match broadcast_chat::cli::parse("client") {
         Ok(args) => args,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("client: {line} (see --help)");
-            return ExitCode::from(2);
-        }
+        Err(status) => return status,
     };
     let level = if args.quiet {
         LevelFilter::Warn

@@ -100,18 +100,9 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args: Args = match broadcast_chat::cli::parse("server") {
         Ok(args) => args,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("server: {line} (see --help)");
-            return ExitCode::from(2);
-        }
+        Err(status) => return status,
     };
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,30 +16,19 @@ fn a_client_that_does_not_read_is_closed_with_1008_while_the_others_get_everythi
     let mut stalled = stalled_client(addr);
     let (mut sender, tag) = join(addr);
     let (mut reader, _) = join(addr);
-    let payload = "z".repeat(16 * 1024);
-    let expected: Vec<String> = (0..MESSAGES)
-        .map(|i| format!("{tag}: {i} {payload}"))
-        .collect();
-
-    thread::scope(|s| {
+    let expected = thread::scope(|s| {
         let reading = s.spawn(|| {
             (0..MESSAGES)
                 .map(|_| recv_text(&mut reader))
                 .collect::<Vec<_>>()
         });
-        for (i, line) in expected.iter().enumerate() {
-            send(&mut sender, &format!("{i} {payload}"));
-            assert_eq!(
-                &recv_text(&mut sender),
-                line,
-                "the sender hears itself at once"
-            );
-        }
+        let expected = flood(&mut sender, &tag, MESSAGES, 16 * 1024);
         assert_eq!(
             reading.join().expect("reader"),
             expected,
             "the reader lost nothing"
         );
+        expected
     });
 
     // Now read what reached the stalled client: an unbroken prefix, then the 1008 close.
