@@ -173,7 +173,7 @@ impl Session<'_> {
                 Message::Pong(_) => continue,
                 Message::Close(frame) => return closed_by_client(frame),
                 Message::Binary(_) => {
-                    return refuse(
+                    return fail(
                         CloseCode::Unsupported,
                         "binary messages are not supported; send text",
                         "sent a binary message",
@@ -192,12 +192,12 @@ impl Session<'_> {
     fn failed(&self, error: WsError) -> End {
         let limit = self.context.config.max_message_size;
         match error {
-            WsError::Utf8(_) => refuse(
+            WsError::Utf8(_) => fail(
                 CloseCode::Invalid,
                 "text must be valid UTF-8",
                 "sent invalid UTF-8",
             ),
-            WsError::Capacity(e) => refuse(
+            WsError::Capacity(e) => fail(
                 CloseCode::Size,
                 &format!("message too big: the limit is {limit} bytes"),
                 &format!("sent a message over the limit ({e})"),
@@ -205,7 +205,7 @@ impl Session<'_> {
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Dropped {
                 why: "connection dropped without a close".to_string(),
             },
-            WsError::Protocol(e) => refuse(
+            WsError::Protocol(e) => fail(
                 CloseCode::Protocol,
                 &format!("protocol error: {e}"),
                 "broke the protocol",
@@ -216,7 +216,7 @@ impl Session<'_> {
             WsError::Io(e) => End::Dropped {
                 why: format!("connection failed: {e}"),
             },
-            other => refuse(
+            other => fail(
                 CloseCode::Protocol,
                 &other.to_string(),
                 "broke the protocol",
@@ -260,7 +260,8 @@ fn closed_by_client(frame: Option<CloseFrame>) -> End {
     }
 }
 
-fn refuse(code: CloseCode, reason: &str, what: &str) -> End {
+/// Fail the connection (RFC 6455 §7.1.7): close with `code`, telling the client why.
+fn fail(code: CloseCode, reason: &str, what: &str) -> End {
     End::Failed {
         close: message::close(code, reason),
         why: format!("{what}; closed with {}", u16::from(code)),

@@ -3,9 +3,9 @@
 //!
 //! # The write path
 //!
-//! The connection thread only ever reads. Writes start on the dispatcher: it writes each
-//! batch of shared frames straight into the socket with `MSG_DONTWAIT`, so it never blocks,
-//! and almost always the kernel takes the whole batch in one system call. Only when a
+//! The connection thread only ever reads. Writes start on the dispatcher: it writes all a
+//! client lacks, as shared frames, straight into the socket with `MSG_DONTWAIT`, so it
+//! never blocks, and almost always the kernel takes it all in one system call. Only when a
 //! socket's buffer is full does a leftover remain. That backlog goes into a bounded
 //! crossbeam channel drained by a writer thread that exists only while the backlog does;
 //! while it lives, the dispatcher queues behind it instead of writing, so frames keep their
@@ -121,16 +121,15 @@ impl Peer {
     }
 
     /// Wait until the close frame has been written or the socket has failed, at most
-    /// `timeout`. Returns whether the close went out.
-    pub(crate) fn wait_close_written(&self, timeout: Duration) -> bool {
+    /// `timeout`.
+    pub(crate) fn wait_close_written(&self, timeout: Duration) {
         let mut state = self.write.lock();
         let deadline = Instant::now() + timeout;
         while !state.gone && !matches!(state.close, Close::Written) {
             if self.changed.wait_until(&mut state, deadline).timed_out() {
-                break;
+                return;
             }
         }
-        matches!(state.close, Close::Written)
     }
 
     /// End all writing: no writer may start after this, the socket is shut down, and the
