@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, warn};
 use parking_lot::Mutex;
-use socket2::SockRef;
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::config::ServerConfig;
 use crate::connection::{self, Context};
@@ -41,6 +41,9 @@ const SPARE_CONNECTIONS: usize = 64;
 /// Events that may wait for the dispatcher; a connection thread that finds the queue full
 /// waits, which slows its client down rather than growing memory.
 const EVENT_QUEUE: usize = 4096;
+
+/// Connections the kernel may hold for us before `accept` (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// How long `accept` pauses when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -76,7 +79,7 @@ impl Server {
     /// [`Error::Bind`] when the address cannot be listened on, [`Error::Spawn`] when the
     /// server's threads cannot be started.
     pub fn with_config(config: ServerConfig) -> Result<Server> {
-        let listener = TcpListener::bind(config.bind).map_err(|source| Error::Bind {
+        let listener = listen(config.bind).map_err(|source| Error::Bind {
             addr: config.bind,
             source,
         })?;
@@ -211,6 +214,17 @@ impl Drop for Server {
             error!("{e}");
         }
     }
+}
+
+/// A listening socket with room for a burst of connections: `std` listens with a backlog
+/// of 128, and ten thousand clients connecting at once would see SYNs dropped and retried
+/// a second later.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// The connection threads that have not been joined yet.
