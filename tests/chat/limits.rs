@@ -132,7 +132,7 @@ fn keepalive_pings_clients_and_drops_the_silent_ones() {
                     Err(e) => panic!("the answering client was dropped: {e}"),
                 }
             }
-            assert!(pings >= 3, "pinged every interval ({pings})");
+            assert!(pings >= 2, "pinged again and again ({pings})");
             alive
                 .get_ref()
                 .set_read_timeout(Some(WAIT))
