@@ -51,7 +51,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At shutdown, how long clients get to answer the close before their sockets are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// A running chat server. Dropping it shuts it down, as [`Server::shutdown`] does.
+/// A running chat server: it serves on threads of its own from the moment it is created.
+/// Dropping it shuts it down, as [`Server::shutdown`] does. It is `Send`, so whichever
+/// thread learns it is time to stop (one waiting for a signal, say) can own it and stop it.
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
@@ -205,6 +207,11 @@ impl Server {
         }
     }
 }
+
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<Server>();
+};
 
 impl Drop for Server {
     fn drop(&mut self) {

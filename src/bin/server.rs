@@ -17,8 +17,12 @@ use log::{LevelFilter, info};
 #[derive(Debug, Parser)]
 #[command(version, max_term_width = 100)]
 struct Args {
-    /// Address to listen on, IPv4 or IPv6 ([::1]:8080); port 0 picks a free port
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080",
+        help = "Address to listen on, IPv4 or IPv6 ([::1]:8080); port 0 picks a free port"
+    )]
     bind: SocketAddr,
 
     /// Recent messages shown to each new client; 0 turns history off
