@@ -19,7 +19,7 @@ use tungstenite::{Error as WsError, Message, error::ProtocolError};
 use crate::config::ServerConfig;
 use crate::dispatcher::{Event, Events};
 use crate::error::is_disconnect;
-use crate::handshake::{self, Admission, Outcome};
+use crate::handshake::{self, Outcome};
 use crate::message::{self, Frame};
 use crate::peer::Peer;
 
@@ -41,7 +41,8 @@ pub(crate) struct Context {
     pub(crate) clients: AtomicUsize,
 }
 
-impl Admission for Context {
+impl Context {
+    /// Reserve a client slot, unless `max_clients` are connected already.
     fn admit(&self) -> bool {
         let max = self.config.max_clients;
         self.clients
@@ -55,7 +56,9 @@ impl Admission for Context {
 /// The body of a connection thread.
 pub(crate) fn run(peer: &Arc<Peer>, context: &Context) {
     let deadline = Instant::now() + context.config.handshake_timeout;
-    match handshake::handshake(&peer.stream, deadline, context.config.web, context) {
+    match handshake::handshake(&peer.stream, deadline, context.config.web, || {
+        context.admit()
+    }) {
         Ok(Outcome::Upgraded { leftover }) => {
             let session = Session {
                 peer,

@@ -37,13 +37,8 @@ pub(crate) enum Outcome {
     Vanished,
 }
 
-/// Whether the server may take one more client, asked only for a valid upgrade.
-pub(crate) trait Admission {
-    /// Reserve a client slot, or say no.
-    fn admit(&self) -> bool;
-}
-
-/// Read one request from `stream` and answer it, all before `deadline`.
+/// Read one request from `stream` and answer it, all before `deadline`. `admit` is asked,
+/// only for a valid upgrade, to reserve a client slot; `false` means the chat is full.
 ///
 /// # Errors
 /// Fails when the deadline passes or the socket fails.
@@ -51,7 +46,7 @@ pub(crate) fn handshake(
     stream: &TcpStream,
     deadline: Instant,
     web_enabled: bool,
-    admission: &impl Admission,
+    admit: impl FnOnce() -> bool,
 ) -> io::Result<Outcome> {
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -72,7 +67,7 @@ pub(crate) fn handshake(
             Ok(httparse::Status::Partial) => continue,
             Ok(httparse::Status::Complete(len)) => {
                 let leftover = buf[len..].to_vec();
-                return answer(stream, deadline, &request, leftover, web_enabled, admission);
+                return answer(stream, deadline, &request, leftover, web_enabled, admit);
             }
             Err(httparse::Error::TooManyHeaders) => {
                 return refuse(stream, deadline, 431, "too many request headers (limit 32)");
@@ -88,7 +83,7 @@ fn answer(
     request: &httparse::Request<'_, '_>,
     leftover: Vec<u8>,
     web_enabled: bool,
-    admission: &impl Admission,
+    admit: impl FnOnce() -> bool,
 ) -> io::Result<Outcome> {
     let method = request.method.unwrap_or_default();
     let path = request.path.unwrap_or("/");
@@ -126,7 +121,7 @@ fn answer(
         Ok(key) => derive_accept_key(key),
         Err((status, detail)) => return refuse(stream, deadline, status, detail),
     };
-    if !admission.admit() {
+    if !admit() {
         return refuse(stream, deadline, 503, "the chat is full; try again later");
     }
     let head = format!(
@@ -223,14 +218,15 @@ fn send(
     extra_headers: &str,
     body: &[u8],
 ) -> io::Result<()> {
-    let head = format!(
+    let mut response = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\n{extra_headers}\r\n",
         reason(status),
         body.len()
-    );
-    write_before(stream, deadline, head.as_bytes())?;
-    write_before(stream, deadline, body)
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
+    write_before(stream, deadline, &response)
 }
 
 fn reason(status: u16) -> &'static str {
