@@ -162,7 +162,12 @@ fn keepalive_pings_clients_and_drops_the_silent_ones() {
 
 #[test]
 fn connections_beyond_the_client_limit_and_the_spare_ones_are_closed_at_once() {
-    let server = server(ServerConfig::default().max_clients(1));
+    // A handshake deadline far beyond the read deadline: if the extra connection got a
+    // thread, it would wait for a request and the read below would time out and fail.
+    let config = ServerConfig::default()
+        .max_clients(1)
+        .handshake_timeout(WAIT * 6);
+    let server = server(config);
     let addr = server.local_addr();
     let (_member, _) = join(addr);
     // 64 connections may wait in their handshake beyond the limit (to be told 503).

@@ -91,7 +91,13 @@ fn log_level_warn_leaves_out_the_routine() {
     assert_eq!(recv_text(&mut ws), format!("{me}: quiet please"));
     proc.signal("TERM");
     assert!(proc.wait().success());
-    let logged: Vec<String> = log.try_iter().collect();
+    // Every line, up to the end of the process's stderr, not just those read so far.
+    let deadline = std::time::Instant::now() + WAIT;
+    let logged: Vec<String> = std::iter::from_fn(|| log.recv_deadline(deadline).ok()).collect();
+    assert!(
+        std::time::Instant::now() < deadline,
+        "stderr did not end with the process"
+    );
     assert!(logged.iter().all(|l| !l.contains("[INFO]")), "{logged:?}");
 }
 
