@@ -32,14 +32,9 @@
 pub mod cli;
 pub mod client;
 mod config;
-mod connection;
-mod dispatcher;
 mod error;
-mod handshake;
 mod message;
-mod peer;
 mod server;
-mod web;
 
 pub use config::{ClientConfig, ServerConfig};
 pub use error::{Error, Result};

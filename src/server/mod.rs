@@ -4,8 +4,8 @@
 //! - the **acceptor** blocks in `accept()`, starts a connection thread per client and joins
 //!   the ones that have ended each time it wakes; [`Server::shutdown`] joins the acceptor;
 //! - each **connection thread** does the handshake and reads its client (see
-//!   [`crate::connection`]); it joins its client's short-lived writer thread, if any;
-//! - the **dispatcher** (see [`crate::dispatcher`]) ends when the last event sender is gone,
+//!   [`super::connection`]); it joins its client's short-lived writer thread, if any;
+//! - the **dispatcher** (see [`super::dispatcher`]) ends when the last event sender is gone,
 //!   that is after every connection thread; [`Server::shutdown`] joins it last.
 
 use std::collections::HashMap;
@@ -21,11 +21,17 @@ use log::{debug, error, warn};
 use parking_lot::Mutex;
 use socket2::{Domain, SockRef, Socket, Type};
 
+use self::connection::Context;
+use self::dispatcher::{Dispatcher, Event};
 use crate::config::ServerConfig;
-use crate::connection::{self, Context};
-use crate::dispatcher::{self, Dispatcher, Event};
 use crate::error::{Error, Result};
-use crate::peer::{Peer, PeerId};
+
+mod connection;
+mod dispatcher;
+mod handshake;
+mod peer;
+mod web;
+use self::peer::{Peer, PeerId};
 
 /// Stack for a connection thread. Measured: the whole suite passes with 16 KiB stacks
 /// (logging at info included), and an idle client's thread has touched two pages, one of

@@ -4,7 +4,7 @@
 //! Because one thread owns both, a join is atomic (the replayed history and the first live
 //! message meet with no gap and no duplicate) and every client sees the same global order.
 //! Connection threads talk to it only through [`Event`]s on one channel; it never blocks on
-//! a client (see [`crate::peer`] for how it writes).
+//! a client (see [`peer`](super::peer) for how it writes).
 //!
 //! # The rolling scan
 //!
@@ -25,9 +25,9 @@ use crossbeam_channel::{Receiver, SendError, Sender, TryRecvError};
 use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use super::peer::{MAX_BATCH, Outlet, Peer, PeerId, Sent};
 use crate::config::ServerConfig;
 use crate::message::{self, Frame};
-use crate::peer::{MAX_BATCH, Outlet, Peer, PeerId, Sent};
 
 /// What connection threads and the server tell the dispatcher.
 #[derive(Debug)]

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use tungstenite::handshake::derive_accept_key;
 
-use crate::web;
+use super::web;
 
 /// The largest request head we read; real browsers send well under 2 KiB.
 const MAX_HEAD: usize = 8 * 1024;
