@@ -36,6 +36,27 @@ pub struct ServerConfig {
     /// file descriptor, so the default leaves room under `vm.max_map_count` (65530) and a
     /// 20000 open-file limit.
     pub max_clients: usize,
+    /// How many connections may be in their handshake at once, apart from the clients.
+    /// Default 1024. When all are taken, the one that has waited longest is cut to make
+    /// room if it has waited over a second; otherwise the new connection is closed at once.
+    pub max_pending: usize,
+    /// How many of those may come from one address (an IPv6 /64). Default 128, so that one
+    /// host cannot take the room of the others; loopback benchmarks with 64 handshakes in
+    /// flight fit.
+    pub max_pending_per_ip: usize,
+    /// Web origins (`scheme://host[:port]`) whose pages may open a WebSocket here besides
+    /// the server's own; `*` allows any, `null` sandboxed frames and local files. Default
+    /// none. Requests without an `Origin` header (command-line clients) are always accepted.
+    pub allow_origins: Vec<String>,
+    /// Messages (texts and pings) a client may send per second. Default 10; 0 turns flood
+    /// control off. A client over its rate is read more slowly, never disconnected.
+    pub rate: u32,
+    /// Messages a client may send at once before its rate applies. Default 50.
+    pub burst: u32,
+    /// How long a client's pending output may make no progress before the client is cut
+    /// (it cannot be sent a close frame: it is not reading). Default 30 s; zero turns the
+    /// limit off.
+    pub write_timeout: Duration,
     /// How long a closing client has to answer the server's close frame, and how long a
     /// client's own close may wait for the messages queued before it. Default 5 s.
     pub close_timeout: Duration,
@@ -53,6 +74,12 @@ impl Default for ServerConfig {
             ping_interval: Some(Duration::from_secs(30)),
             handshake_timeout: Duration::from_secs(10),
             max_clients: 12_000,
+            max_pending: 1024,
+            max_pending_per_ip: 128,
+            allow_origins: Vec::new(),
+            rate: 10,
+            burst: 50,
+            write_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),
             web: true,
         }
@@ -99,6 +126,42 @@ impl ServerConfig {
     /// Set [`Self::max_clients`].
     pub fn max_clients(mut self, clients: usize) -> Self {
         self.max_clients = clients;
+        self
+    }
+
+    /// Set [`Self::max_pending`].
+    pub fn max_pending(mut self, connections: usize) -> Self {
+        self.max_pending = connections;
+        self
+    }
+
+    /// Set [`Self::max_pending_per_ip`].
+    pub fn max_pending_per_ip(mut self, connections: usize) -> Self {
+        self.max_pending_per_ip = connections;
+        self
+    }
+
+    /// Add an origin to [`Self::allow_origins`].
+    pub fn allow_origin(mut self, origin: impl Into<String>) -> Self {
+        self.allow_origins.push(origin.into());
+        self
+    }
+
+    /// Set [`Self::rate`].
+    pub fn rate(mut self, per_second: u32) -> Self {
+        self.rate = per_second;
+        self
+    }
+
+    /// Set [`Self::burst`].
+    pub fn burst(mut self, messages: u32) -> Self {
+        self.burst = messages;
+        self
+    }
+
+    /// Set [`Self::write_timeout`].
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
         self
     }
 

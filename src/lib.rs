@@ -38,5 +38,5 @@ mod server;
 
 pub use config::{ClientConfig, ServerConfig};
 pub use error::{Error, Result};
-pub use message::{WELCOME, sender_tag};
-pub use server::Server;
+pub use message::{WELCOME, printable, sender_tag};
+pub use server::{Server, raise_open_file_limit};

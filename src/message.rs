@@ -5,6 +5,8 @@
 //! connection thread, and hands the same reference-counted [`Frame`] to every client: a
 //! delivery costs a reference count, not an allocation or a copy.
 
+use std::borrow::Cow;
+use std::fmt::Write;
 use std::net::SocketAddr;
 
 use tungstenite::Bytes;
@@ -31,6 +33,31 @@ const MAX_CLOSE_REASON: usize = 123;
 /// unambiguous whatever the family.
 pub fn sender_tag(addr: SocketAddr) -> String {
     format!("{addr}: ")
+}
+
+/// `text` as one line that is safe to print to a terminal: control characters (C0 but
+/// tab, DEL, C1) are shown escaped as Rust does (`\n`, `\r`, `\u{1b}`), and so are the
+/// characters that end a line or reorder text in some terminals (U+2028, U+2029 and the
+/// bidirectional overrides and isolates). A message can then neither forge a line that
+/// seems to come from another sender nor send an escape sequence to the terminal.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            let _ = write!(out, "{}", c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A text frame whose payload is `tag` followed by `text`, built with one allocation.
@@ -151,6 +178,25 @@ mod tests {
     }
 
     #[test]
+    fn printable_escapes_what_could_forge_a_line_and_keeps_the_rest() {
+        assert_eq!(printable("héllo\twörld ✓"), "héllo\twörld ✓");
+        assert_eq!(
+            printable("hello\n10.0.0.1:5555: I am the admin"),
+            "hello\\n10.0.0.1:5555: I am the admin"
+        );
+        assert_eq!(
+            printable("a\r\u{1b}]0;title\u{7}b"),
+            "a\\r\\u{1b}]0;title\\u{7}b"
+        );
+        assert_eq!(
+            printable("\u{1b}[2J\u{7f}\u{85}\u{9b}"),
+            "\\u{1b}[2J\\u{7f}\\u{85}\\u{9b}"
+        );
+        assert_eq!(printable("x\u{2028}y\u{202e}z"), "x\\u{2028}y\\u{202e}z");
+        assert!(matches!(printable("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
     fn close_reason_is_cut_on_a_char_boundary() {
         let reason = "é".repeat(100);
         let frame = close(CloseCode::Policy, &reason);
@@ -158,5 +204,82 @@ mod tests {
         assert!(payload.len() <= 125);
         assert_eq!(&payload[..2], &1008u16.to_be_bytes());
         assert!(std::str::from_utf8(&payload[2..]).is_ok());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::io::{self, Cursor, Read, Write};
+        use tungstenite::Message;
+        use tungstenite::protocol::{CloseFrame, Role, WebSocket};
+
+        /// Server bytes as a client reads them; the client's own writes go nowhere.
+        struct Replay(Cursor<Vec<u8>>);
+
+        impl Read for Replay {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.0.read(buf)
+            }
+        }
+
+        impl Write for Replay {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        /// What tungstenite's client makes of `frame`.
+        fn decode(frame: &Frame) -> Message {
+            let mut ws =
+                WebSocket::from_raw_socket(Replay(Cursor::new(frame.to_vec())), Role::Client, None);
+            ws.read().expect("tungstenite decodes our frame")
+        }
+
+        fn close_code() -> impl Strategy<Value = u16> {
+            prop_oneof![1000..=1003u16, 1007..=1011u16, 3000..=4999u16]
+        }
+
+        proptest! {
+            #[test]
+            fn text_frames_round_trip(
+                ip in any::<std::net::IpAddr>(),
+                port in any::<u16>(),
+                body in "\\PC{0,300}",
+                padding in prop_oneof![Just(0usize), 0..70_000usize],
+            ) {
+                let tag = sender_tag(SocketAddr::new(ip, port));
+                let body = body + &"x".repeat(padding);
+                let decoded = decode(&text(&tag, &body));
+                prop_assert_eq!(decoded, Message::text(format!("{tag}{body}")));
+            }
+
+            #[test]
+            fn close_frames_round_trip_with_the_reason_cut_to_fit(
+                code in close_code(),
+                reason in "\\PC{0,100}",
+            ) {
+                let frame = close(CloseCode::from(code), &reason);
+                prop_assert!(frame.len() <= 127, "a control frame's payload fits 125 bytes");
+                let expected = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: truncate_utf8(&reason, MAX_CLOSE_REASON).into(),
+                };
+                prop_assert_eq!(decode(&frame), Message::Close(Some(expected)));
+            }
+
+            #[test]
+            fn pongs_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..=125)) {
+                prop_assert_eq!(decode(&pong(&payload)), Message::Pong(payload.into()));
+            }
+        }
+
+        #[test]
+        fn pings_and_bare_closes_decode() {
+            assert_eq!(decode(&ping()), Message::Ping(Default::default()));
+            assert_eq!(decode(&close_without_code()), Message::Close(None));
+        }
     }
 }

@@ -3,33 +3,12 @@
 use std::io::{self, BufReader};
 use std::process::ExitCode;
 
-use broadcast_chat::ClientConfig;
+use broadcast_chat::cli::ClientArgs;
 use broadcast_chat::client::{self, Ending};
-use clap::Parser;
 use log::LevelFilter;
 
-/// Chat from a terminal or a script: each line typed on stdin is sent as a message; every
-/// message from the server is printed to stdout, one per line. Status goes to stderr.
-///
-/// At end of input (Ctrl-D, or the end of a pipe) the client closes the connection and
-/// exits once the server has answered, so `printf 'hi\n' | client` sends one message.
-///
-/// Exit status: 0 after a normal close (1000 or 1001), 1 if the server cannot be reached,
-/// 2 for bad arguments, 3 if the server closed with an error or the connection was lost.
-#[derive(Debug, Parser)]
-#[command(version, max_term_width = 100)]
-struct Args {
-    /// Server to connect to
-    #[arg(value_name = "URL", default_value = "ws://127.0.0.1:8080")]
-    url: String,
-
-    /// Only print messages: no status lines on stderr, errors still
-    #[arg(short, long)]
-    quiet: bool,
-}
-
 fn main() -> ExitCode {
-    let args: Args = match broadcast_chat::cli::parse("client") {
+    let args: ClientArgs = match broadcast_chat::cli::parse("client") {
         Ok(args) => args,
         Err(status) => return status,
     };
@@ -59,7 +38,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let config = ClientConfig::default().url(args.url);
+    let config = args.config();
     let input = BufReader::new(io::stdin());
     match client::run(&config, input, io::stdout(), &interrupt) {
         Ok(ending @ Ending::OutputClosed) => {

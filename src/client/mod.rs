@@ -25,6 +25,7 @@ use tungstenite::{Error as WsError, Message};
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result, is_disconnect};
+use crate::message::printable;
 
 /// How a client run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +67,7 @@ impl fmt::Display for Ending {
                 code: Some(code),
                 reason,
             } => {
-                write!(f, "connection closed ({code}: {reason})")
+                write!(f, "connection closed ({code}: {})", printable(reason))
             }
             Ending::Closed { code: None, .. } => f.write_str("connection closed"),
             Ending::Lost(why) => write!(f, "connection lost: {why}"),
@@ -214,15 +215,10 @@ fn handshake_error(url: &str, error: HandshakeError<ClientHandshake<Shared>>) ->
     let reason = match error {
         HandshakeError::Interrupted(_) => "the handshake was interrupted".to_string(),
         HandshakeError::Failure(WsError::Http(response)) => {
-            let body = response
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                .unwrap_or_default();
-            format!(
-                "the server refused the WebSocket handshake: HTTP {} {body}",
-                response.status()
-            )
+            let status = response.status();
+            let body = response.body().as_deref().unwrap_or_default();
+            let detail = refusal_detail(status.as_str(), &String::from_utf8_lossy(body));
+            format!("the server refused the WebSocket handshake: HTTP {status}{detail}")
         }
         HandshakeError::Failure(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
             "the server did not answer the handshake in time".to_string()
@@ -232,6 +228,23 @@ fn handshake_error(url: &str, error: HandshakeError<ClientHandshake<Shared>>) ->
     Error::Handshake {
         url: url.to_string(),
         reason,
+    }
+}
+
+/// What a refusal's body adds to its status line, as one short printable line: the body's
+/// first line, without the status it may repeat, escaped and cut to 160 characters.
+fn refusal_detail(status: &str, body: &str) -> String {
+    const LONGEST: usize = 160;
+    let line = body.trim().lines().next().unwrap_or("").trim();
+    let line = match line.strip_prefix(status) {
+        Some(rest) => rest.split_once(": ").map_or(rest, |(_, detail)| detail),
+        None => line,
+    };
+    let line = printable(line.trim());
+    match line.char_indices().nth(LONGEST) {
+        _ if line.is_empty() => String::new(),
+        Some((cut, _)) => format!(": {}…", &line[..cut]),
+        None => format!(": {line}"),
     }
 }
 
@@ -309,7 +322,8 @@ fn print_messages(
     loop {
         match ws.read() {
             Ok(Message::Text(text)) => {
-                if let Err(e) = writeln!(output, "{text}").and_then(|()| output.flush()) {
+                let line = printable(&text);
+                if let Err(e) = writeln!(output, "{line}").and_then(|()| output.flush()) {
                     return if e.kind() == io::ErrorKind::BrokenPipe {
                         Ending::OutputClosed
                     } else {

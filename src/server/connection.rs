@@ -8,7 +8,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
@@ -16,9 +16,12 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, error::ProtocolError};
 
-use super::dispatcher::{Event, Events};
+use super::admission::{Admission, Pending, Slot};
+use super::flood::Bucket;
 use super::handshake::{self, Outcome};
-use super::peer::Peer;
+use super::inbox::{Event, Events};
+use super::later;
+use super::peer::{Peer, PeerOutlet};
 use crate::config::ServerConfig;
 use crate::error::is_disconnect;
 use crate::message::{self, Frame};
@@ -36,34 +39,23 @@ const LINGER: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) struct Context {
     pub(crate) config: ServerConfig,
-    pub(crate) events: Events,
-    /// Clients past the handshake, bounded by `config.max_clients`.
-    pub(crate) clients: AtomicUsize,
+    pub(crate) events: Events<PeerOutlet>,
+    pub(crate) admission: Arc<Admission>,
 }
 
-impl Context {
-    /// Reserve a client slot, unless `max_clients` are connected already.
-    fn admit(&self) -> bool {
-        let max = self.config.max_clients;
-        self.clients
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-}
-
-/// The body of a connection thread.
-pub(crate) fn run(peer: &Arc<Peer>, context: &Context) {
-    let deadline = Instant::now() + context.config.handshake_timeout;
-    match handshake::handshake(&peer.stream, deadline, context.config.web, || {
-        context.admit()
-    }) {
-        Ok(Outcome::Upgraded { leftover }) => {
+/// The body of a connection thread. `pending` is the connection's room for its handshake,
+/// given back as soon as the handshake is over.
+pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
+    let config = &context.config;
+    let deadline = later(Instant::now(), config.handshake_timeout);
+    match handshake::handshake(&peer.stream, deadline, config.web, &context.admission) {
+        Ok(Outcome::Upgraded { leftover, slot }) => {
+            drop(pending);
             let session = Session {
                 peer,
                 context,
                 joined: false,
+                _slot: slot,
             };
             session.run(leftover);
         }
@@ -79,7 +71,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context) {
         Err(e) if e.kind() == io::ErrorKind::TimedOut => info!(
             "{} did not complete the handshake within {} s; closed",
             peer.addr,
-            context.config.handshake_timeout.as_secs_f32()
+            config.handshake_timeout.as_secs_f32()
         ),
         Err(e) => info!("{} left during the handshake: {e}", peer.addr),
     }
@@ -102,28 +94,26 @@ struct Session<'a> {
     peer: &'a Arc<Peer>,
     context: &'a Context,
     joined: bool,
+    _slot: Slot<'a>,
 }
 
 impl Session<'_> {
     fn run(mut self, leftover: Vec<u8>) {
         let peer = self.peer;
         // From here on, reads wait for the client as long as keepalive allows, and a
-        // writer's blocked write is bounded by the queue and keepalive, not by a timer.
-        let cleared = peer
+        // backlog writer's blocked write gives up after --write-timeout without progress.
+        let write_timeout = Some(self.context.config.write_timeout).filter(|t| !t.is_zero());
+        let timeouts = peer
             .stream
             .set_read_timeout(None)
-            .and(peer.stream.set_write_timeout(None));
-        if let Err(e) = cleared {
-            debug!("{}: cannot clear the handshake timeouts: {e}", peer.addr);
+            .and(peer.stream.set_write_timeout(write_timeout));
+        if let Err(e) = timeouts {
+            debug!("{}: cannot set the socket timeouts: {e}", peer.addr);
             return;
         }
         peer.heard();
-        if self
-            .context
-            .events
-            .send(Event::Join(Arc::clone(peer)))
-            .is_err()
-        {
+        let outlet = PeerOutlet::new(Arc::clone(peer), self.context.config.queue);
+        if self.context.events.send(Event::Join(outlet)).is_err() {
             return;
         }
         self.joined = true;
@@ -161,6 +151,10 @@ impl Session<'_> {
         let mut ws =
             WebSocket::from_partially_read(inbound, leftover, Role::Server, Some(ws_config));
         let tag = message::sender_tag(self.peer.addr);
+        let mut flood = Flood {
+            bucket: Bucket::new(config.rate, config.burst, Instant::now()),
+            told: false,
+        };
         loop {
             let message = match ws.read() {
                 Ok(message) => message,
@@ -169,10 +163,14 @@ impl Session<'_> {
             self.peer.heard();
             let event = match message {
                 Message::Text(text) => {
+                    self.hold_back(&mut flood);
                     info!("{} says {:?}", self.peer.addr, text.as_str());
                     Event::Broadcast(message::text(&tag, &text))
                 }
-                Message::Ping(payload) => Event::Pong(self.peer.id, message::pong(&payload)),
+                Message::Ping(payload) => {
+                    self.hold_back(&mut flood);
+                    Event::Pong(self.peer.id, message::pong(&payload))
+                }
                 Message::Pong(_) => continue,
                 Message::Close(frame) => return closed_by_client(frame),
                 Message::Binary(_) => {
@@ -190,6 +188,27 @@ impl Session<'_> {
                 };
             }
         }
+    }
+
+    /// Flood control: when the client is over its rate, wait before handling its message
+    /// and reading on, so that TCP slows the client down. The wait is not its silence.
+    fn hold_back(&self, flood: &mut Flood) {
+        let Some(bucket) = &mut flood.bucket else {
+            return;
+        };
+        let wait = bucket.take(Instant::now());
+        if wait.is_zero() {
+            return;
+        }
+        if !flood.told {
+            flood.told = true;
+            info!(
+                "{} sends more than {} messages a second; reading it more slowly (--rate)",
+                self.peer.addr, self.context.config.rate
+            );
+        }
+        self.peer.heard_until(wait);
+        thread::sleep(wait);
     }
 
     fn failed(&self, error: WsError) -> End {
@@ -234,8 +253,14 @@ impl Drop for Session<'_> {
             let _ = self.context.events.send(Event::Leave(self.peer.id, None));
             self.peer.finish();
         }
-        self.context.clients.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A session's flood control: its bucket (none with `--rate 0`), and whether the log has
+/// been told the client is being slowed.
+struct Flood {
+    bucket: Option<Bucket>,
+    told: bool,
 }
 
 /// The answer to a client's close: its own status code back, as RFC 6455 §5.5.1 asks.
@@ -276,7 +301,7 @@ fn fail(code: CloseCode, reason: &str, what: &str) -> End {
 /// client has read our last words.
 fn close_gracefully(mut stream: &TcpStream, timeout: Duration) {
     let _ = stream.shutdown(Shutdown::Write);
-    let deadline = Instant::now() + timeout;
+    let deadline = later(Instant::now(), timeout);
     let mut sink = [0u8; 512];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

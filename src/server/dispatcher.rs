@@ -1,4 +1,4 @@
-//! The dispatcher: the one thread that owns the client list and the log of recent
+//! The dispatcher: the one thread that owns the client list and the ring of recent
 //! messages, and fans every broadcast out.
 //!
 //! Because one thread owns both, a join is atomic (the replayed history and the first live
@@ -8,129 +8,63 @@
 //!
 //! # The rolling scan
 //!
-//! Broadcasts are appended to a log, and each client has a cursor into it. The dispatcher
-//! visits the clients in turn and writes each one everything it lacks, in one system call,
-//! checking for new events between visits. A message that arrives while a scan is under way
-//! is picked up by every client not yet visited, so under load each write carries all that
-//! arrived since that client's last visit: the more traffic, the fewer system calls per
-//! delivery. When every client is up to date the dispatcher sleeps on the channel.
+//! Broadcasts are appended to the [`Ring`], and each client has a cursor into it. The
+//! dispatcher visits the clients in turn and writes each one everything it lacks, in one
+//! system call, checking for new events between visits. A message that arrives while a scan
+//! is under way is picked up by every client not yet visited, so under load each write
+//! carries all that arrived since that client's last visit: the more traffic, the fewer
+//! system calls per delivery. When every client is up to date the dispatcher sleeps on the
+//! channel.
+//!
+//! The dispatcher is generic over a client's write side, the [`Outlet`], so that its
+//! bookkeeping can be checked against an in-memory outlet without sockets or threads (the
+//! model test below).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
-use std::sync::{Arc, OnceLock};
-use std::thread::{self, Thread};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendError, Sender, TryRecvError};
 use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use super::peer::{MAX_BATCH, Outlet, Peer, PeerId, Sent};
+use super::inbox::{Event, Inbox};
+use super::later;
+use super::peer::PeerId;
+use super::ring::Ring;
 use crate::config::ServerConfig;
 use crate::message::{self, Frame};
 
-/// What connection threads and the server tell the dispatcher.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// A client finished its handshake: greet it, replay the history, add it.
-    Join(Arc<Peer>),
-    /// A tagged text frame to append to the history and send to everyone.
-    Broadcast(Frame),
-    /// A pong for one client, answering its ping.
-    Pong(PeerId, Frame),
-    /// A client is done. Send it `close` after everything broadcast before, then forget it.
-    Leave(PeerId, Option<Frame>),
-    /// The server is stopping: close every client with 1001 and refuse new ones.
-    Shutdown,
+/// The most frames handed to one [`Outlet::send`]: well under the kernel's `IOV_MAX` of
+/// 1024, so that one `sendmsg` takes them all.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// What the dispatcher needs of one client's write side.
+pub(crate) trait Outlet {
+    /// The connection this outlet writes to.
+    fn id(&self) -> PeerId;
+    /// The client's address, for the log.
+    fn addr(&self) -> SocketAddr;
+    /// Send `frames` (at most [`MAX_BATCH`]) after everything sent before, never blocking.
+    fn send(&mut self, frames: &[Frame]) -> Sent;
+    /// Send the close frame after everything sent before; afterwards nothing more is taken.
+    fn close(&mut self, frame: Frame);
+    /// Cut the connection without ceremony.
+    fn abort(&self);
+    /// How long the client has said nothing, as of `now`.
+    fn silent_for(&self, now: Instant) -> Duration;
+    /// Release what a finished helper (a backlog writer) still holds.
+    fn reap(&mut self);
 }
 
-/// The dispatcher's event channel: the sending side, shared by the connection threads, and
-/// the receiving side. See [`Events`] for why it wraps a crossbeam channel.
-pub(crate) fn channel(capacity: usize) -> (Events, Inbox) {
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
-    let bell = Arc::new(Bell::default());
-    (
-        Events {
-            tx,
-            bell: Arc::clone(&bell),
-        },
-        Inbox { rx, bell },
-    )
-}
-
-/// The connection threads' side of the dispatcher's event channel.
-///
-/// A crossbeam receiver spins and yields before it sleeps, which pays off when its sender
-/// runs on another core. A busy server has one core's worth of work, and those cycles are
-/// taken from the very thread about to send. So the dispatcher sleeps at once
-/// (`thread::park`), and a sender rings it awake only if it sleeps. Measured with one
-/// receiver (where the hand-off is most of the work): 4.9 µs of server CPU per delivery
-/// with crossbeam's wait, 4.1 with this one.
-#[derive(Debug)]
-pub(crate) struct Events {
-    tx: Sender<Event>,
-    bell: Arc<Bell>,
-}
-
-/// The dispatcher's side of the event channel.
-#[derive(Debug)]
-pub(crate) struct Inbox {
-    rx: Receiver<Event>,
-    bell: Arc<Bell>,
-}
-
-#[derive(Debug, Default)]
-struct Bell {
-    asleep: AtomicBool,
-    dispatcher: OnceLock<Thread>,
-}
-
-impl Bell {
-    /// Wake the dispatcher if it sleeps. The fence pairs with the one in [`Inbox::wait`]:
-    /// either the dispatcher sees the event, or this sees it asleep and unparks it.
-    fn ring(&self) {
-        fence(Ordering::SeqCst);
-        if self.asleep.load(Ordering::Relaxed)
-            && let Some(dispatcher) = self.dispatcher.get()
-        {
-            dispatcher.unpark();
-        }
-    }
-}
-
-impl Events {
-    /// Queue `event`, waiting while the queue is full; fails once the dispatcher is gone.
-    pub(crate) fn send(&self, event: Event) -> Result<(), SendError<Event>> {
-        self.tx.send(event)?;
-        self.bell.ring();
-        Ok(())
-    }
-}
-
-impl Drop for Events {
-    /// The last sender is gone: let the dispatcher find out now rather than at its next timer.
-    fn drop(&mut self) {
-        self.bell.ring();
-    }
-}
-
-impl Inbox {
-    /// The next event, waiting no later than `deadline`; `Ok(None)` when woken without one.
-    /// Fails once every sender is gone.
-    fn wait(&self, deadline: Instant) -> Result<Option<Event>, TryRecvError> {
-        self.bell.asleep.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        let event = match self.rx.try_recv() {
-            Ok(event) => Ok(Some(event)),
-            Err(TryRecvError::Empty) => {
-                thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        };
-        self.bell.asleep.store(false, Ordering::Relaxed);
-        event
-    }
+/// What became of an [`Outlet::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// Written or queued.
+    Done,
+    /// The backlog is full: the client cannot keep up and must be closed.
+    Overflow,
+    /// The client is closing or gone; nothing was sent.
+    Gone,
 }
 
 /// How often the dispatcher looks after timers.
@@ -142,95 +76,104 @@ const VISITS_PER_CLOCK: u32 = 64;
 /// Events taken in between two client visits, at most.
 const EVENTS_PER_VISIT: usize = 4 * MAX_BATCH;
 
-struct Client {
-    outlet: Outlet,
-    /// The sequence number of the next broadcast this client needs.
+struct Client<O> {
+    outlet: O,
+    /// The number of the next broadcast this client needs.
     next: u64,
     /// When the server sent this client a close it has not answered yet.
     closing_since: Option<Instant>,
 }
 
 /// The dispatcher's state; [`Dispatcher::run`] is the thread's body.
-pub(crate) struct Dispatcher {
-    clients: Vec<Client>,
+pub(crate) struct Dispatcher<O> {
+    clients: Vec<Client<O>>,
     index: HashMap<PeerId, usize>,
-    /// Broadcasts some client still lacks, and at least the last `history` ones.
-    log: Vec<Frame>,
-    /// The sequence number of `log[0]`.
-    base: u64,
+    ring: Ring,
     /// The next client the scan visits.
     pos: usize,
     /// Visits in a row that left a client up to date with no broadcast since; once it
     /// covers every client there is nothing to write.
     settled: usize,
     welcome: Frame,
-    history: usize,
     queue: usize,
     ping_interval: Option<Duration>,
     close_timeout: Duration,
     next_ping: Instant,
+    next_housekeeping: Instant,
+    visits: u32,
     stopping: bool,
 }
 
-impl Dispatcher {
+impl<O: Outlet> Dispatcher<O> {
     pub(crate) fn new(config: &ServerConfig) -> Self {
+        let now = Instant::now();
         Self {
             clients: Vec::new(),
             index: HashMap::new(),
-            log: Vec::new(),
-            base: 0,
+            ring: Ring::new(config.history),
             pos: 0,
             settled: 0,
             welcome: message::welcome(),
-            history: config.history,
             queue: config.queue,
             ping_interval: config.ping_interval,
             close_timeout: config.close_timeout,
-            next_ping: Instant::now() + config.ping_interval.unwrap_or(HOUSEKEEPING),
+            next_ping: later(now, config.ping_interval.unwrap_or(HOUSEKEEPING)),
+            next_housekeeping: now + HOUSEKEEPING,
+            visits: 0,
             stopping: false,
         }
     }
 
     /// Handle events until every sender is gone, which happens once the server has stopped
     /// and every connection thread has ended.
-    pub(crate) fn run(mut self, inbox: &Inbox) {
-        inbox.bell.dispatcher.get_or_init(thread::current);
-        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
-        let mut visits = 0u32;
+    pub(crate) fn run(mut self, inbox: &Inbox<O>) {
+        inbox.listen();
         loop {
-            if self.settled < self.clients.len() {
-                for event in inbox.rx.try_iter().take(EVENTS_PER_VISIT) {
+            if !self.is_idle() {
+                for event in inbox.ready(EVENTS_PER_VISIT) {
                     self.handle(event);
                 }
                 self.visit();
                 // Under load, look at the clock only now and then, not once per delivery.
-                visits = visits.wrapping_add(1);
-                if visits % VISITS_PER_CLOCK != 0 {
+                self.visits = self.visits.wrapping_add(1);
+                if self.visits % VISITS_PER_CLOCK != 0 {
                     continue;
                 }
             } else {
-                match inbox.wait(next_housekeeping) {
+                self.rest();
+                match inbox.wait(self.next_housekeeping) {
                     Ok(Some(event)) => self.handle(event),
                     Ok(None) => {}
                     Err(_) => break,
                 }
             }
             let now = Instant::now();
-            if now >= next_housekeeping {
+            if now >= self.next_housekeeping {
                 self.housekeeping(now);
-                next_housekeeping = now + HOUSEKEEPING;
+                self.next_housekeeping = now + HOUSEKEEPING;
             }
         }
         debug!("dispatcher stopped");
     }
 
-    fn handle(&mut self, event: Event) {
+    /// Whether every client is up to date, so there is nothing to write.
+    fn is_idle(&self) -> bool {
+        self.settled >= self.clients.len()
+    }
+
+    /// About to sleep: let go of what no client needs any more.
+    fn rest(&mut self) {
+        let oldest_needed = self.clients.iter().map(|c| c.next).min();
+        self.ring.trim(oldest_needed.unwrap_or(self.ring.head()));
+    }
+
+    fn handle(&mut self, event: Event<O>) {
         match event {
             Event::Broadcast(frame) => {
-                self.log.push(frame);
+                self.ring.push(frame);
                 self.settled = 0;
             }
-            Event::Join(peer) => self.join(peer),
+            Event::Join(outlet) => self.join(outlet),
             Event::Pong(id, frame) => {
                 if let Some(i) = self.index.get(&id).copied() {
                     let sent = self.clients[i].outlet.send(std::slice::from_ref(&frame));
@@ -252,22 +195,16 @@ impl Dispatcher {
         }
     }
 
-    fn head(&self) -> u64 {
-        self.base + self.log.len() as u64
-    }
-
-    /// Greet `peer`, replay the history and add it, all before any later broadcast.
-    fn join(&mut self, peer: Arc<Peer>) {
-        let mut outlet = Outlet::new(peer, self.queue);
+    /// Greet the client, replay the history and add it, all before any later broadcast.
+    fn join(&mut self, mut outlet: O) {
         let mut closing_since = None;
         let mut sent = Sent::Done;
         if self.stopping {
             outlet.close(message::close(CloseCode::Away, "server shutting down"));
             closing_since = Some(Instant::now());
         } else {
-            let history = &self.log[self.log.len().saturating_sub(self.history)..];
             let greeting: Vec<Frame> = std::iter::once(self.welcome.clone())
-                .chain(history.iter().cloned())
+                .chain(self.ring.recent().iter().cloned())
                 .collect();
             for chunk in greeting.chunks(MAX_BATCH) {
                 sent = outlet.send(chunk);
@@ -276,10 +213,10 @@ impl Dispatcher {
                 }
             }
         }
-        self.index.insert(outlet.peer.id, self.clients.len());
+        self.index.insert(outlet.id(), self.clients.len());
         self.clients.push(Client {
             outlet,
-            next: self.head(),
+            next: self.ring.head(),
             closing_since,
         });
         self.settle(self.clients.len() - 1, sent);
@@ -295,7 +232,7 @@ impl Dispatcher {
         // be skipped by this round of the scan, so bring it up to date now.
         self.settled = self.settled.saturating_sub(1);
         if let Some(moved) = self.clients.get(i) {
-            self.index.insert(moved.outlet.peer.id, i);
+            self.index.insert(moved.outlet.id(), i);
             self.catch_up(i);
         }
         if let Some(frame) = close {
@@ -307,7 +244,7 @@ impl Dispatcher {
     fn visit(&mut self) {
         if self.pos >= self.clients.len() {
             self.pos = 0;
-            self.trim();
+            self.rest();
         }
         if self.pos < self.clients.len() {
             self.catch_up(self.pos);
@@ -318,37 +255,19 @@ impl Dispatcher {
 
     /// Write client `i` every broadcast it lacks, in as few system calls as frames allow.
     fn catch_up(&mut self, i: usize) {
-        let head = self.head();
+        let head = self.ring.head();
         let client = &mut self.clients[i];
         while client.next < head {
-            let start = (client.next - self.base) as usize;
-            let end = self.log.len().min(start + MAX_BATCH);
-            let sent = client.outlet.send(&self.log[start..end]);
-            client.next = if sent == Sent::Done {
-                self.base + end as u64
-            } else {
-                head
+            let frames = self.ring.since(client.next, MAX_BATCH);
+            let sent = client.outlet.send(frames);
+            client.next = match sent {
+                Sent::Done => client.next + frames.len() as u64,
+                Sent::Overflow | Sent::Gone => head,
             };
             if sent == Sent::Overflow {
                 self.settle(i, sent);
                 return;
             }
-        }
-    }
-
-    /// Forget the broadcasts every client has, keeping the last `history`.
-    fn trim(&mut self) {
-        let oldest_needed = self
-            .clients
-            .iter()
-            .map(|c| c.next)
-            .min()
-            .unwrap_or(self.head());
-        let unneeded = (oldest_needed - self.base) as usize;
-        let drop = unneeded.min(self.log.len().saturating_sub(self.history));
-        if drop > 0 {
-            self.log.drain(..drop);
-            self.base += drop as u64;
         }
     }
 
@@ -361,7 +280,7 @@ impl Dispatcher {
         let client = &mut self.clients[i];
         warn!(
             "closing {}: it is not reading and fell {queue} messages behind",
-            client.outlet.peer.addr
+            client.outlet.addr()
         );
         let reason = format!("too slow: fell {queue} messages behind");
         client
@@ -370,17 +289,16 @@ impl Dispatcher {
         client.closing_since.get_or_insert_with(Instant::now);
     }
 
-    /// Ping everyone when due, drop the silent, and cut closes that were never answered.
+    /// Ping everyone when due, drop the silent, cut closes that were never answered, and
+    /// join backlog writers that have finished.
     fn housekeeping(&mut self, now: Instant) {
         for client in &mut self.clients {
+            client.outlet.reap();
             if let Some(since) = client.closing_since
                 && now.duration_since(since) >= self.close_timeout
             {
-                debug!(
-                    "{} did not answer our close in time",
-                    client.outlet.peer.addr
-                );
-                client.outlet.peer.abort();
+                debug!("{} did not answer our close in time", client.outlet.addr());
+                client.outlet.abort();
             }
         }
         let Some(interval) = self.ping_interval else {
@@ -389,21 +307,21 @@ impl Dispatcher {
         if now < self.next_ping {
             return;
         }
-        self.next_ping = now + interval;
+        self.next_ping = later(now, interval);
         let ping = message::ping();
         for i in 0..self.clients.len() {
             let client = &mut self.clients[i];
             if client.closing_since.is_some() {
                 continue;
             }
-            let silent = client.outlet.peer.silent_for(now);
-            if silent >= 2 * interval {
+            let silent = client.outlet.silent_for(now);
+            if silent >= interval.saturating_mul(2) {
                 info!(
                     "dropping {}: silent for {} s, no answer to pings",
-                    client.outlet.peer.addr,
+                    client.outlet.addr(),
                     silent.as_secs()
                 );
-                client.outlet.peer.abort();
+                client.outlet.abort();
                 client.closing_since = Some(now);
             } else {
                 let sent = client.outlet.send(std::slice::from_ref(&ping));
@@ -412,3 +330,6 @@ impl Dispatcher {
         }
     }
 }
+
+#[cfg(test)]
+mod model;

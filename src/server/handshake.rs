@@ -3,9 +3,12 @@
 //!
 //! Parsing the request ourselves (with httparse, which tungstenite uses too) lets one read
 //! path answer everything a port can be asked: the WebSocket upgrade; the page; and every
-//! refusal (400, 404, 405, 426, 431, 503) as a real HTTP response instead of a dropped
+//! refusal (400, 403, 404, 405, 426, 431, 503) as a real HTTP response instead of a dropped
 //! connection. The deadline covers the whole request, not each read, so a client trickling
 //! one byte a second is cut off too.
+//!
+//! What to answer is decided by [`reply`], a pure function of the bytes received (tested
+//! with arbitrary input); [`handshake`] only reads, asks it, and writes.
 //!
 //! The upgrade makes the checks tungstenite's `create_response` makes and answers with
 //! tungstenite's `derive_accept_key`, but reads the headers in place rather than building
@@ -13,147 +16,179 @@
 //! stays in that thread's malloc cache for as long as the client is connected; with ten
 //! thousand clients those caches cost more than the rest of a connection's heap.
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Instant;
 
 use tungstenite::handshake::derive_accept_key;
 
+use super::admission::{Admission, Slot};
+use super::origin::Origins;
 use super::web;
 
 /// The largest request head we read; real browsers send well under 2 KiB.
-const MAX_HEAD: usize = 8 * 1024;
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
 /// The most header lines we accept.
 const MAX_HEADERS: usize = 32;
 
 /// How a request ended.
 #[derive(Debug)]
-pub(crate) enum Outcome {
-    /// The handshake succeeded; `leftover` holds bytes the client sent after its request.
-    Upgraded { leftover: Vec<u8> },
+pub(crate) enum Outcome<'a> {
+    /// The handshake succeeded; `leftover` holds bytes the client sent after its request,
+    /// and `slot` is the client's place in the chat.
+    Upgraded { leftover: Vec<u8>, slot: Slot<'a> },
     /// The request got an HTTP response; the connection ends.
     Answered { status: u16, detail: String },
     /// The client went away before sending a whole request.
     Vanished,
 }
 
-/// Read one request from `stream` and answer it, all before `deadline`. `admit` is asked,
-/// only for a valid upgrade, to reserve a client slot; `false` means the chat is full.
+/// What a request head calls for.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// Not a whole request yet: read more.
+    Incomplete,
+    /// A valid WebSocket upgrade, to be answered with this accept key; the request ends at
+    /// byte `len`.
+    Upgrade { accept: String, len: usize },
+    /// Answer this and end the connection.
+    Respond(Response),
+}
+
+/// An HTTP response, with a one-line explanation for the log.
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) detail: String,
+    content_type: &'static str,
+    /// Extra header lines, each ending in CRLF.
+    headers: &'static str,
+    body: Cow<'static, [u8]>,
+}
+
+/// Read one request from `stream` and answer it, all before `deadline`. A valid upgrade
+/// also needs a place in the chat from `admission`.
 ///
 /// # Errors
 /// Fails when the deadline passes or the socket fails.
-pub(crate) fn handshake(
+pub(crate) fn handshake<'a>(
     stream: &TcpStream,
     deadline: Instant,
     web_enabled: bool,
-    admit: impl FnOnce() -> bool,
-) -> io::Result<Outcome> {
+    admission: &'a Admission,
+) -> io::Result<Outcome<'a>> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        if buf.len() >= MAX_HEAD {
-            return refuse(
-                stream,
-                deadline,
-                431,
-                "request headers are larger than 8 KiB",
-            );
-        }
         if read_more(stream, &mut buf, deadline)? == 0 {
             return Ok(Outcome::Vanished);
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(len)) => {
-                let leftover = buf[len..].to_vec();
-                return answer(stream, deadline, &request, leftover, web_enabled, admit);
-            }
-            Err(httparse::Error::TooManyHeaders) => {
-                return refuse(stream, deadline, 431, "too many request headers (limit 32)");
-            }
-            Err(e) => return refuse(stream, deadline, 400, &format!("malformed request: {e}")),
-        }
+        let response = match reply(&buf, web_enabled, &admission.origins) {
+            Reply::Incomplete => continue,
+            Reply::Respond(response) => response,
+            Reply::Upgrade { accept, len } => match admission.join() {
+                Some(slot) => {
+                    let head = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                         Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                    );
+                    write_before(stream, deadline, head.as_bytes())?;
+                    let leftover = buf[len..].to_vec();
+                    return Ok(Outcome::Upgraded { leftover, slot });
+                }
+                None => Response::error(503, "the chat is full; try again later".into()),
+            },
+        };
+        write_before(stream, deadline, &response.to_bytes())?;
+        return Ok(Outcome::Answered {
+            status: response.status,
+            detail: response.detail,
+        });
+    }
+}
+
+/// What to answer to the bytes of a request head received so far.
+pub(crate) fn reply(buf: &[u8], web_enabled: bool, origins: &Origins) -> Reply {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => Reply::Respond(Response::error(
+            431,
+            "request headers are larger than 8 KiB".into(),
+        )),
+        Ok(httparse::Status::Partial) => Reply::Incomplete,
+        Ok(httparse::Status::Complete(len)) => answer(&request, len, web_enabled, origins),
+        Err(httparse::Error::TooManyHeaders) => Reply::Respond(Response::error(
+            431,
+            "too many request headers (limit 32)".into(),
+        )),
+        Err(e) => Reply::Respond(Response::error(400, format!("malformed request: {e}"))),
     }
 }
 
 fn answer(
-    stream: &TcpStream,
-    deadline: Instant,
     request: &httparse::Request<'_, '_>,
-    leftover: Vec<u8>,
+    len: usize,
     web_enabled: bool,
-    admit: impl FnOnce() -> bool,
-) -> io::Result<Outcome> {
+    origins: &Origins,
+) -> Reply {
     let method = request.method.unwrap_or_default();
     let path = request.path.unwrap_or("/");
     if method != "GET" {
-        return refuse(stream, deadline, 405, "only GET is supported");
+        return Reply::Respond(Response::error(405, "only GET is supported".into()));
     }
     if !wants_upgrade(request) {
-        return match web::page(path, web_enabled) {
-            Some(page) => {
-                send(
-                    stream,
-                    deadline,
-                    200,
-                    page.content_type,
-                    page.headers,
-                    page.body,
-                )?;
-                Ok(Outcome::Answered {
-                    status: 200,
-                    detail: format!("served {path}"),
-                })
-            }
+        let shown = path.escape_debug();
+        return Reply::Respond(match web::page(path, web_enabled) {
+            Some(page) => Response {
+                status: 200,
+                detail: format!("served {shown}"),
+                content_type: page.content_type,
+                headers: page.headers,
+                body: Cow::Borrowed(page.body),
+            },
             None if web_enabled || path != "/" => {
-                refuse(stream, deadline, 404, &format!("no page at {path}"))
+                Response::error(404, format!("no page at {shown}"))
             }
-            None => refuse(
-                stream,
-                deadline,
+            None => Response::error(
                 426,
-                "this is a WebSocket chat server; connect with a WebSocket client",
+                "this is a WebSocket chat server; connect with a WebSocket client".into(),
             ),
-        };
+        });
     }
-    let accept = match upgrade_key(request) {
-        Ok(key) => derive_accept_key(key),
-        Err((status, detail)) => return refuse(stream, deadline, status, detail),
+    let key = match upgrade_key(request) {
+        Ok(key) => key,
+        Err((status, detail)) => return Reply::Respond(Response::error(status, detail.into())),
     };
-    if !admit() {
-        return refuse(stream, deadline, 503, "the chat is full; try again later");
+    if let Err(detail) = origins.check(header(request, "origin"), header(request, "host")) {
+        return Reply::Respond(Response::error(403, detail));
     }
-    let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    write_before(stream, deadline, head.as_bytes())?;
-    Ok(Outcome::Upgraded { leftover })
+    Reply::Upgrade {
+        accept: derive_accept_key(key),
+        len,
+    }
 }
 
-fn wants_upgrade(request: &httparse::Request<'_, '_>) -> bool {
+fn header<'b>(request: &httparse::Request<'_, 'b>, name: &str) -> Option<&'b [u8]> {
     request
         .headers
         .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+fn wants_upgrade(request: &httparse::Request<'_, '_>) -> bool {
+    header(request, "upgrade").is_some()
 }
 
 /// The client's key, once the request passes every check of an opening handshake (RFC 6455
 /// §4.2.1, the same ones tungstenite's `create_response` makes); otherwise the status and
 /// reason to refuse it with.
 fn upgrade_key<'b>(request: &httparse::Request<'_, 'b>) -> Result<&'b [u8], (u16, &'static str)> {
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-    };
     if request.version != Some(1) {
         return Err((400, "a WebSocket handshake needs HTTP/1.1"));
     }
-    if !header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket")) {
+    if !header(request, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket")) {
         return Err((400, "the Upgrade header must say \"websocket\""));
     }
     let connection_upgrade = request
@@ -165,12 +200,12 @@ fn upgrade_key<'b>(request: &httparse::Request<'_, 'b>) -> Result<&'b [u8], (u16
     if !connection_upgrade {
         return Err((400, "the Connection header must include \"Upgrade\""));
     }
-    match header("sec-websocket-version") {
+    match header(request, "sec-websocket-version") {
         Some(b"13") => {}
         Some(_) => return Err((426, "unsupported WebSocket version; this server speaks 13")),
         None => return Err((400, "no Sec-WebSocket-Version header")),
     }
-    match header("sec-websocket-key") {
+    match header(request, "sec-websocket-key") {
         Some(key) if is_valid_key(key) => Ok(key),
         Some(_) => Err((400, "the Sec-WebSocket-Key must be 16 bytes in base64")),
         None => Err((400, "no Sec-WebSocket-Key header")),
@@ -187,52 +222,47 @@ fn is_valid_key(key: &[u8]) -> bool {
         && &key[22..] == b"=="
 }
 
-/// Answer with an error `status` and a one-line plain-text explanation.
-fn refuse(stream: &TcpStream, deadline: Instant, status: u16, detail: &str) -> io::Result<Outcome> {
-    let body = format!("{status} {}: {detail}\n", reason(status));
-    let extra = match status {
-        405 => "Allow: GET\r\n",
-        426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
-        503 => "Retry-After: 5\r\n",
-        _ => "",
-    };
-    send(
-        stream,
-        deadline,
-        status,
-        "text/plain; charset=utf-8",
-        extra,
-        body.as_bytes(),
-    )?;
-    Ok(Outcome::Answered {
-        status,
-        detail: detail.to_string(),
-    })
-}
+impl Response {
+    /// An error `status` with a one-line plain-text explanation.
+    fn error(status: u16, detail: String) -> Response {
+        let body = format!("{status} {}: {detail}\n", reason(status));
+        let headers = match status {
+            405 => "Allow: GET\r\n",
+            426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            503 => "Retry-After: 5\r\n",
+            _ => "",
+        };
+        Response {
+            status,
+            detail,
+            content_type: "text/plain; charset=utf-8",
+            headers,
+            body: Cow::Owned(body.into_bytes()),
+        }
+    }
 
-fn send(
-    stream: &TcpStream,
-    deadline: Instant,
-    status: u16,
-    content_type: &str,
-    extra_headers: &str,
-    body: &[u8],
-) -> io::Result<()> {
-    let mut response = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n{extra_headers}\r\n",
-        reason(status),
-        body.len()
-    )
-    .into_bytes();
-    response.extend_from_slice(body);
-    write_before(stream, deadline, &response)
+    /// The whole response, head and body, to go out in one write.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n{}\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len(),
+            self.headers
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
 }
 
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
@@ -280,50 +310,4 @@ fn timed_out(e: io::Error) -> io::Error {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse<'h, 'b>(
-        raw: &'b [u8],
-        headers: &'h mut [httparse::Header<'b>],
-    ) -> httparse::Request<'h, 'b> {
-        let mut request = httparse::Request::new(headers);
-        assert!(request.parse(raw).expect("parses").is_complete());
-        request
-    }
-
-    const GOOD: &str = "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\n\
-        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-        Sec-WebSocket-Version: 13\r\n\r\n";
-
-    #[test]
-    fn the_rfc_example_is_accepted_with_the_rfc_answer() {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let request = parse(GOOD.as_bytes(), &mut headers);
-        let key = upgrade_key(&request).expect("valid");
-        assert_eq!(derive_accept_key(key), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-    }
-
-    #[test]
-    fn each_missing_or_wrong_part_is_refused() {
-        for (from, to, status) in [
-            ("HTTP/1.1\r\nHost", "HTTP/1.0\r\nHost", 400),
-            ("Upgrade: WebSocket", "Upgrade: h2c", 400),
-            ("keep-alive, Upgrade", "keep-alive", 400),
-            ("Version: 13", "Version: 8", 426),
-            ("Sec-WebSocket-Version: 13\r\n", "", 400),
-            ("jZQ==", "jZQ=", 400),
-            ("jZQ==", "jZR==", 400),
-            ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "", 400),
-        ] {
-            let raw = GOOD.replace(from, to);
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let request = parse(raw.as_bytes(), &mut headers);
-            assert_eq!(
-                upgrade_key(&request).map_err(|e| e.0),
-                Err(status),
-                "{from} -> {to}"
-            );
-        }
-    }
-}
+mod tests;

@@ -21,17 +21,28 @@ use log::{debug, error, warn};
 use parking_lot::Mutex;
 use socket2::{Domain, SockRef, Socket, Type};
 
+use self::admission::{Admission, Refusal};
 use self::connection::Context;
-use self::dispatcher::{Dispatcher, Event};
+use self::dispatcher::Dispatcher;
+use self::inbox::Event;
+use self::peer::{Peer, PeerId, PeerOutlet};
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 
+pub use self::limits::raise_open_file_limit;
+pub(crate) use self::origin::Origin;
+
+mod admission;
 mod connection;
 mod dispatcher;
+mod flood;
 mod handshake;
+mod inbox;
+mod limits;
+mod origin;
 mod peer;
+mod ring;
 mod web;
-use self::peer::{Peer, PeerId};
 
 /// Stack for a connection thread. Measured: the whole suite passes with 16 KiB stacks
 /// (logging at info included), and an idle client's thread has touched two pages, one of
@@ -39,10 +50,10 @@ use self::peer::{Peer, PeerId};
 /// headroom for deeper log formatting at no cost.
 const CONNECTION_STACK: usize = 128 * 1024;
 
-/// Connections beyond `max_clients` that may still be in their handshake, to be answered
-/// with 503 or to replace a client that is leaving. Past this, new connections are closed
-/// at once, without a thread.
-const SPARE_CONNECTIONS: usize = 64;
+/// Connection threads allowed beyond `max_clients + max_pending`: handshakes just cut to
+/// make room, whose threads are still ending. Past this, new connections are closed at
+/// once, without a thread.
+const ENDING_THREADS: usize = 64;
 
 /// Events that may wait for the dispatcher; a connection thread that finds the queue full
 /// waits, which slows its client down rather than growing memory.
@@ -93,8 +104,8 @@ impl Server {
         })?;
         let local_addr = listener.local_addr()?;
         let listener = Arc::new(listener);
-        let (events, inbox) = dispatcher::channel(EVENT_QUEUE);
-        let dispatcher = Dispatcher::new(&config);
+        let (events, inbox) = inbox::channel(EVENT_QUEUE);
+        let dispatcher = Dispatcher::<PeerOutlet>::new(&config);
         let dispatcher = thread::Builder::new()
             .name("dispatcher".into())
             .spawn(move || dispatcher.run(&inbox))
@@ -104,9 +115,9 @@ impl Server {
             })?;
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let context = Arc::new(Context {
+            admission: Arc::new(Admission::new(&config)),
             config,
             events,
-            clients: Default::default(),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Connections {
@@ -121,6 +132,7 @@ impl Server {
             done: done_tx,
             next_id: 0,
             refusals: Throttle::default(),
+            evictions: Throttle::default(),
             failures: Throttle::default(),
         };
         let mut server = Server {
@@ -157,9 +169,7 @@ impl Server {
 
     /// How many clients are past the handshake right now.
     pub fn client_count(&self) -> usize {
-        self.context
-            .as_ref()
-            .map_or(0, |c| c.clients.load(Ordering::Acquire))
+        self.context.as_ref().map_or(0, |c| c.admission.clients())
     }
 
     /// Stop accepting, deliver what is already queued, send every client a close frame
@@ -184,7 +194,7 @@ impl Server {
             let _ = context.events.send(Event::Shutdown);
             let grace = SHUTDOWN_GRACE.min(context.config.close_timeout);
             let mut connections = self.connections.lock();
-            connections.wait(Instant::now() + grace);
+            connections.wait(later(Instant::now(), grace));
             connections.abort_all();
             connections.wait_all();
         }
@@ -310,6 +320,7 @@ struct Acceptor {
     done: Sender<PeerId>,
     next_id: PeerId,
     refusals: Throttle,
+    evictions: Throttle,
     failures: Throttle,
 }
 
@@ -330,8 +341,10 @@ impl Acceptor {
     }
 
     fn start(&mut self, stream: TcpStream, addr: SocketAddr) {
+        let config = &self.context.config;
         let mut connections = self.connections.lock();
-        if connections.live.len() >= self.context.config.max_clients + SPARE_CONNECTIONS {
+        let threads = config.max_clients + config.max_pending + ENDING_THREADS;
+        if connections.live.len() >= threads {
             if let Some(more) = self.refusals.ready() {
                 warn!(
                     "closing {addr} at once: {} connections are open already{more}",
@@ -340,13 +353,32 @@ impl Acceptor {
             }
             return;
         }
-        log::info!("connection from {addr}");
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!("{addr}: cannot set TCP_NODELAY: {e}");
-        }
         self.next_id += 1;
         let id = self.next_id;
         let peer = Arc::new(Peer::new(id, stream, addr));
+        let pending = match self.context.admission.begin(&peer, Instant::now()) {
+            Ok((pending, evicted)) => {
+                if let Some(cut) = evicted
+                    && let Some(more) = self.evictions.ready()
+                {
+                    warn!(
+                        "cut the handshake of {cut} to make room: {} handshakes were under                          way and it had waited longest (--max-pending){more}",
+                        config.max_pending
+                    );
+                }
+                pending
+            }
+            Err(refusal) => {
+                if let Some(more) = self.refusals.ready() {
+                    warn!("closing {addr} at once: {}{more}", refused(refusal, config));
+                }
+                return;
+            }
+        };
+        log::info!("connection from {addr}");
+        if let Err(e) = peer.stream.set_nodelay(true) {
+            debug!("{addr}: cannot set TCP_NODELAY: {e}");
+        }
         let weak = Arc::downgrade(&peer);
         let context = Arc::clone(&self.context);
         let done = DoneSignal {
@@ -357,7 +389,7 @@ impl Acceptor {
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
                 let _done = done;
-                connection::run(&peer, &context);
+                connection::run(&peer, &context, pending);
             });
         match spawned {
             Ok(thread) => {
@@ -388,6 +420,29 @@ impl Acceptor {
             _ => debug!("accept failed: {e}"),
         }
     }
+}
+
+/// Why a connection got no room, for the log.
+fn refused(refusal: Refusal, config: &ServerConfig) -> String {
+    match refusal {
+        Refusal::Source(source) => format!(
+            "{} handshakes from {source} are under way already (--max-pending-per-ip)",
+            config.max_pending_per_ip
+        ),
+        Refusal::Full => format!(
+            "{} handshakes are under way already, none for over a second (--max-pending)",
+            config.max_pending
+        ),
+    }
+}
+
+/// `now + after`, or as far ahead as the clock goes: an interval of years means "never",
+/// not a panic.
+pub(crate) fn later(now: Instant, after: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(after.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// Tells the acceptor a connection thread has ended, even if it panicked.

@@ -11,9 +11,13 @@
 //! while it lives, the dispatcher queues behind it instead of writing, so frames keep their
 //! order and are never interleaved. A client whose backlog outgrows the channel is closed.
 //!
-//! The small [`WriteState`] under a `parking_lot` mutex settles who may write. The
-//! dispatcher holds it during its non-blocking write; the writer thread only takes it to
-//! hand the socket back, never across a blocking write.
+//! The writer's blocking writes carry the socket's send timeout (`--write-timeout`): a
+//! client whose output makes no progress for that long is cut, so a client that never reads
+//! cannot keep a writer thread forever, even if it keeps pinging.
+//!
+//! One [`WriteState`] under a `parking_lot` mutex settles who may write. The dispatcher
+//! holds it during its non-blocking write; the writer thread only takes it to hand the
+//! socket back, never across a blocking write.
 
 use std::io::{self, IoSlice};
 use std::mem;
@@ -24,14 +28,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use log::{debug, error};
+use log::{debug, error, warn};
 use parking_lot::{Condvar, Mutex};
 use socket2::SockRef;
 
+use super::dispatcher::{MAX_BATCH, Outlet, Sent};
 use crate::message::Frame;
-
-/// The most frames gathered into one `sendmsg`, well under the kernel's `IOV_MAX` of 1024.
-pub(crate) const MAX_BATCH: usize = 64;
 
 /// Stack for a backlog writer: it only moves bytes, so a small one suffices.
 const WRITER_STACK: usize = 64 * 1024;
@@ -47,41 +49,58 @@ pub(crate) struct Peer {
     pub(crate) stream: TcpStream,
     born: Instant,
     last_heard_ms: AtomicU64,
-    write: Mutex<WriteState>,
+    write: Mutex<Writing>,
     changed: Condvar,
 }
 
-#[derive(Debug, Default)]
-struct WriteState {
-    /// A writer thread owns the socket's write side and drains the backlog.
-    draining: bool,
-    /// The close frame's progress; once it is queued, no more data is accepted.
-    close: Close,
-    /// The socket failed or the connection ended: nobody writes any more.
-    gone: bool,
-    /// The current or last writer thread, joined before a new one starts and at the end.
+#[derive(Debug)]
+struct Writing {
+    state: WriteState,
+    /// The current or last backlog writer, joined once it has finished.
     writer: Option<JoinHandle<()>>,
 }
 
-#[derive(Debug, Default)]
-enum Close {
-    #[default]
-    Open,
-    /// Waiting behind the backlog; the writer sends it last.
-    Pending(Frame),
-    Sending,
-    Written,
+/// Who may write to a client, and what is left to send. Every variant is a state the write
+/// side can really be in; the transitions are:
+///
+/// ```text
+/// Direct ──socket full──► Draining ──backlog written──► Direct
+///   │                        │
+///   │ close                  │ close
+///   ▼                        ▼
+/// Closed ◄──written── CloseSending ◄──backlog written── CloseQueued
+///
+/// any state ──socket failed, write timed out, connection ended──► Gone
+/// ```
+#[derive(Debug)]
+enum WriteState {
+    /// The dispatcher writes straight into the socket, without blocking.
+    Direct,
+    /// A writer thread owns the write side until the backlog is written.
+    Draining,
+    /// As `Draining`, then this close frame (or what is left of it); no more data is taken.
+    CloseQueued(Frame),
+    /// The writer is writing the close frame.
+    CloseSending,
+    /// The close frame is out: nothing more is ever sent.
+    Closed,
+    /// The socket failed or the connection ended: nobody writes any more.
+    Gone,
 }
 
-/// What became of a [`Outlet::send`].
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Sent {
-    /// Written or queued.
-    Done,
-    /// The backlog is full: the client cannot keep up and must be closed.
-    Overflow,
-    /// The client is closing or gone; nothing was sent.
-    Gone,
+impl WriteState {
+    /// Whether more data may still be sent.
+    fn takes_data(&self) -> bool {
+        matches!(self, WriteState::Direct | WriteState::Draining)
+    }
+
+    /// Whether a writer thread owns the write side.
+    fn has_writer(&self) -> bool {
+        matches!(
+            self,
+            WriteState::Draining | WriteState::CloseQueued(_) | WriteState::CloseSending
+        )
+    }
 }
 
 impl Peer {
@@ -92,21 +111,32 @@ impl Peer {
             stream,
             born: Instant::now(),
             last_heard_ms: AtomicU64::new(0),
-            write: Mutex::new(WriteState::default()),
+            write: Mutex::new(Writing {
+                state: WriteState::Direct,
+                writer: None,
+            }),
             changed: Condvar::new(),
         }
     }
 
     /// Note that the client just sent something, which proves it is alive.
     pub(crate) fn heard(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.last_heard_ms.store(ms, Ordering::Relaxed);
+        self.heard_until(Duration::ZERO);
+    }
+
+    /// Note that the client is alive and will count as heard for `wait` more: flood
+    /// control holds it back that long, which is not its silence.
+    pub(crate) fn heard_until(&self, wait: Duration) {
+        let ms = self.born.elapsed().saturating_add(wait).as_millis();
+        self.last_heard_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// How long the client has said nothing, as of `now`.
     pub(crate) fn silent_for(&self, now: Instant) -> Duration {
-        let heard = self.born + Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed));
-        now.saturating_duration_since(heard)
+        let heard = Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.born)
+            .saturating_sub(heard)
     }
 
     /// Cut the connection without ceremony: wakes the connection thread's read and any
@@ -117,16 +147,16 @@ impl Peer {
 
     /// Whether the server has already sent or queued its close frame to this client.
     pub(crate) fn is_closing(&self) -> bool {
-        !matches!(self.write.lock().close, Close::Open)
+        !self.write.lock().state.takes_data()
     }
 
     /// Wait until the close frame has been written or the socket has failed, at most
     /// `timeout`.
     pub(crate) fn wait_close_written(&self, timeout: Duration) {
-        let mut state = self.write.lock();
-        let deadline = Instant::now() + timeout;
-        while !state.gone && !matches!(state.close, Close::Written) {
-            if self.changed.wait_until(&mut state, deadline).timed_out() {
+        let deadline = super::later(Instant::now(), timeout);
+        let mut write = self.write.lock();
+        while !matches!(write.state, WriteState::Closed | WriteState::Gone) {
+            if self.changed.wait_until(&mut write, deadline).timed_out() {
                 return;
             }
         }
@@ -136,20 +166,33 @@ impl Peer {
     /// writer thread, if any, is joined. Called once by the connection thread as it ends.
     pub(crate) fn finish(&self) {
         let writer = {
-            let mut state = self.write.lock();
-            state.gone = true;
-            self.changed.notify_all();
-            state.writer.take()
+            let mut write = self.write.lock();
+            self.set(&mut write, WriteState::Gone);
+            write.writer.take()
         };
         self.abort();
-        if let Some(writer) = writer
-            && writer.join().is_err()
-        {
-            error!(
-                "the writer thread for {} panicked (this is a bug)",
-                self.addr
-            );
+        if let Some(writer) = writer {
+            join_writer(writer, self.addr);
         }
+    }
+
+    fn set(&self, write: &mut Writing, state: WriteState) {
+        write.state = state;
+        self.changed.notify_all();
+    }
+
+    /// The close frame is out, and it is the last thing we send: shut the sending side
+    /// down at once, so the client sees the end of the connection without waiting for the
+    /// connection thread. Reading goes on, for the client's answer.
+    fn close_written(&self, write: &mut Writing) {
+        self.set(write, WriteState::Closed);
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// Give up on the client: nothing more is written, and its connection is cut.
+    fn fail(&self, write: &mut Writing) {
+        self.set(write, WriteState::Gone);
+        self.abort();
     }
 
     /// Write `frames` without blocking. Returns how many bytes the kernel took.
@@ -169,7 +212,8 @@ impl Peer {
         }
     }
 
-    /// Write `frames` completely, blocking as long as the client needs. Only a writer
+    /// Write `frames` completely, blocking while the client makes progress. Fails with
+    /// `TimedOut` once a write has made none for the socket's send timeout. Only a writer
     /// thread calls this, without the lock held.
     fn write_all(&self, frames: &[Frame]) -> io::Result<()> {
         let mut storage: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
@@ -179,32 +223,27 @@ impl Peer {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => IoSlice::advance_slices(&mut iov, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
+}
 
-    /// The close frame is out, and it is the last thing we send: shut the sending side
-    /// down at once, so the client sees the end of the connection without waiting for the
-    /// connection thread. Reading goes on, for the client's answer.
-    fn close_written(&self, state: &mut WriteState) {
-        state.close = Close::Written;
-        let _ = self.stream.shutdown(Shutdown::Write);
-        self.changed.notify_all();
-    }
-
-    fn mark_gone(&self, state: &mut WriteState) {
-        state.gone = true;
-        self.changed.notify_all();
+fn join_writer(writer: JoinHandle<()>, addr: SocketAddr) {
+    if writer.join().is_err() {
+        error!("the writer thread for {addr} panicked (this is a bug)");
     }
 }
 
 /// The dispatcher's handle for writing to one client: the shared [`Peer`] plus the sending
 /// end of its backlog channel, which exists only while a writer thread drains it.
 #[derive(Debug)]
-pub(crate) struct Outlet {
-    pub(crate) peer: Arc<Peer>,
+pub(crate) struct PeerOutlet {
+    peer: Arc<Peer>,
     backlog: Backlog,
 }
 
@@ -213,9 +252,11 @@ pub(crate) struct Outlet {
 struct Backlog {
     tx: Option<Sender<Frame>>,
     capacity: usize,
+    /// A writer thread was started and has not been joined yet.
+    started_writer: bool,
 }
 
-impl Outlet {
+impl PeerOutlet {
     /// `capacity` bounds the backlog, in frames.
     pub(crate) fn new(peer: Arc<Peer>, capacity: usize) -> Self {
         Self {
@@ -223,64 +264,96 @@ impl Outlet {
             backlog: Backlog {
                 tx: None,
                 capacity: capacity.max(1),
+                started_writer: false,
             },
         }
     }
+}
 
-    /// Send `frames` (at most [`MAX_BATCH`]) in order, never blocking.
-    pub(crate) fn send(&mut self, frames: &[Frame]) -> Sent {
+impl Outlet for PeerOutlet {
+    fn id(&self) -> PeerId {
+        self.peer.id
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.peer.addr
+    }
+
+    fn send(&mut self, frames: &[Frame]) -> Sent {
         let peer = &self.peer;
-        let mut state = peer.write.lock();
-        if state.gone || !matches!(state.close, Close::Open) {
-            return Sent::Gone;
-        }
-        if state.draining {
-            return self.backlog.enqueue(frames.iter().cloned());
+        let mut write = peer.write.lock();
+        match write.state {
+            WriteState::Direct => {}
+            WriteState::Draining => return self.backlog.enqueue(frames.iter().cloned()),
+            _ => return Sent::Gone,
         }
         match peer.write_now(frames) {
             Ok(written) => match leftover(frames, written) {
                 None => Sent::Done,
                 Some((partial, rest)) => {
                     let frames = std::iter::once(partial).chain(rest.iter().cloned());
-                    self.backlog.start(peer, &mut state, frames)
+                    self.backlog.start(peer, &mut write, frames)
                 }
             },
             Err(e) => {
                 debug!("write to {} failed: {e}", peer.addr);
-                peer.mark_gone(&mut state);
-                drop(state);
-                peer.abort();
+                peer.fail(&mut write);
                 Sent::Gone
             }
         }
     }
 
-    /// Send the close frame after everything already sent. Afterwards the client takes
-    /// nothing more; a second close is ignored.
-    pub(crate) fn close(&mut self, frame: Frame) {
+    fn close(&mut self, frame: Frame) {
         let peer = &self.peer;
-        let mut state = peer.write.lock();
-        if state.gone || !matches!(state.close, Close::Open) {
-            return;
-        }
-        if state.draining {
-            state.close = Close::Pending(frame);
-        } else {
-            match peer.write_now(std::slice::from_ref(&frame)) {
-                Ok(written) if written == frame.len() => peer.close_written(&mut state),
+        let mut write = peer.write.lock();
+        match write.state {
+            WriteState::Direct => match peer.write_now(std::slice::from_ref(&frame)) {
+                Ok(written) if written == frame.len() => peer.close_written(&mut write),
                 Ok(written) => {
-                    state.close = Close::Pending(frame.slice(written..));
-                    self.backlog.start(peer, &mut state, std::iter::empty());
+                    write.state = WriteState::CloseQueued(frame.slice(written..));
+                    self.backlog.start(peer, &mut write, std::iter::empty());
                 }
                 Err(e) => {
                     debug!("close to {} failed: {e}", peer.addr);
-                    peer.mark_gone(&mut state);
+                    peer.fail(&mut write);
                 }
-            }
+            },
+            WriteState::Draining => write.state = WriteState::CloseQueued(frame),
+            _ => {}
         }
         // The channel has served its purpose once the close is queued: dropping its sender
         // lets the writer end as soon as the queue is empty.
         self.backlog.tx = None;
+    }
+
+    fn abort(&self) {
+        self.peer.abort();
+    }
+
+    fn silent_for(&self, now: Instant) -> Duration {
+        self.peer.silent_for(now)
+    }
+
+    fn reap(&mut self) {
+        if !self.backlog.started_writer {
+            return;
+        }
+        let finished = {
+            let mut write = self.peer.write.lock();
+            if write.state.has_writer()
+                || !write.writer.as_ref().is_none_or(JoinHandle::is_finished)
+            {
+                return;
+            }
+            if write.state.takes_data() {
+                self.backlog.tx = None;
+            }
+            write.writer.take()
+        };
+        self.backlog.started_writer = false;
+        if let Some(writer) = finished {
+            join_writer(writer, self.peer.addr);
+        }
     }
 }
 
@@ -303,12 +376,12 @@ impl Backlog {
     fn start(
         &mut self,
         peer: &Arc<Peer>,
-        state: &mut WriteState,
+        write: &mut Writing,
         frames: impl Iterator<Item = Frame>,
     ) -> Sent {
-        if let Some(previous) = state.writer.take() {
-            // It cleared `draining` as its last act, so this join returns at once.
-            let _ = previous.join();
+        if let Some(previous) = write.writer.take() {
+            // It handed the socket back as its last act, so this returns at once.
+            join_writer(previous, peer.addr);
         }
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
         self.tx = Some(tx);
@@ -320,8 +393,11 @@ impl Backlog {
             .spawn(move || drain_backlog(&writer_peer, &rx));
         match spawned {
             Ok(handle) => {
-                state.draining = true;
-                state.writer = Some(handle);
+                if !matches!(write.state, WriteState::CloseQueued(_)) {
+                    write.state = WriteState::Draining;
+                }
+                write.writer = Some(handle);
+                self.started_writer = true;
                 sent
             }
             Err(e) => {
@@ -330,8 +406,7 @@ impl Backlog {
                     peer.addr
                 );
                 self.tx = None;
-                peer.mark_gone(state);
-                peer.abort();
+                peer.fail(write);
                 Sent::Gone
             }
         }
@@ -357,34 +432,54 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
     loop {
         batch.extend(rx.try_iter().take(MAX_BATCH));
         if batch.is_empty() {
-            let mut state = peer.write.lock();
+            let mut write = peer.write.lock();
             if !rx.is_empty() {
                 continue;
             }
-            if let Close::Pending(frame) = mem::replace(&mut state.close, Close::Sending) {
-                drop(state);
-                let result = peer.write_all(std::slice::from_ref(&frame));
-                state = peer.write.lock();
-                match result {
-                    Ok(()) => peer.close_written(&mut state),
-                    Err(_) => state.gone = true,
+            match mem::replace(&mut write.state, WriteState::CloseSending) {
+                WriteState::CloseQueued(frame) => {
+                    drop(write);
+                    let result = peer.write_all(std::slice::from_ref(&frame));
+                    write = peer.write.lock();
+                    match result {
+                        Ok(()) if matches!(write.state, WriteState::CloseSending) => {
+                            peer.close_written(&mut write);
+                        }
+                        Ok(()) => {}
+                        Err(e) => write_failed(peer, &mut write, &e),
+                    }
                 }
+                WriteState::Draining => peer.set(&mut write, WriteState::Direct),
+                other => peer.set(&mut write, other),
             }
-            state.draining = false;
-            peer.changed.notify_all();
             return;
         }
         if let Err(e) = peer.write_all(&batch) {
-            debug!("write to {} failed: {e}", peer.addr);
-            let mut state = peer.write.lock();
-            peer.mark_gone(&mut state);
-            state.draining = false;
-            drop(state);
-            peer.abort();
+            write_failed(peer, &mut peer.write.lock(), &e);
             return;
         }
         batch.clear();
     }
+}
+
+fn write_failed(peer: &Peer, write: &mut Writing, e: &io::Error) {
+    if e.kind() == io::ErrorKind::TimedOut {
+        let waited = peer
+            .stream
+            .write_timeout()
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        warn!(
+            "cutting {}: it has not read anything for {} s while messages waited for it \
+             (--write-timeout)",
+            peer.addr,
+            waited.as_secs()
+        );
+    } else {
+        debug!("write to {} failed: {e}", peer.addr);
+    }
+    peer.fail(write);
 }
 
 #[cfg(test)]

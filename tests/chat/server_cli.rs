@@ -124,3 +124,58 @@ fn an_address_in_use_is_a_clear_error() {
     assert!(stderr.contains("is another server running?"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+#[test]
+fn numbers_out_of_range_are_one_line_and_exit_2_never_a_panic() {
+    for args in [
+        &["--ping-interval", "18446744073709551615"][..],
+        &["--handshake-timeout", "99999999999"],
+        &["--write-timeout", "0"],
+        &["--rate", "-1"],
+        &["--max-pending-per-ip", "0"],
+        &["--history", "100000"],
+    ] {
+        let output = server_binary().args(args).output().expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(args[0]) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
+
+/// The soft and hard open-file limits of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-file limit");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let mut command = Command::new("prlimit");
+    command.args(["--nofile=256:16384", env!("CARGO_BIN_EXE_server")]);
+    let server = ServerProc::start_with(&mut command);
+    assert_eq!(
+        open_file_limits(server.proc.pid()),
+        ("16384".to_string(), "16384".to_string())
+    );
+}
+
+#[test]
+fn a_client_limit_the_open_file_limit_cannot_hold_is_warned_about() {
+    let mut command = Command::new("prlimit");
+    command.args(["--nofile=512:512", env!("CARGO_BIN_EXE_server")]);
+    let server = ServerProc::start_with(&mut command);
+    let line = server.expect_log("the open-file limit is 512");
+    assert!(
+        line.contains("ulimit -n") && line.contains("--max-clients"),
+        "{line}"
+    );
+}

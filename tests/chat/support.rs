@@ -30,6 +30,11 @@ pub fn default_server() -> Server {
     server(ServerConfig::default())
 }
 
+/// A server with flood control off (`--rate 0`), for tests that send as fast as they can.
+pub fn unthrottled(config: ServerConfig) -> Server {
+    server(config.rate(0))
+}
+
 pub type Ws = WebSocket<TcpStream>;
 
 /// A WebSocket client whose reads give up after [`WAIT`].
@@ -44,7 +49,18 @@ pub fn connect(addr: SocketAddr) -> Ws {
 /// Connect and read the welcome; returns the client and its own address as the server
 /// tags it.
 pub fn join(addr: SocketAddr) -> (Ws, String) {
-    let mut ws = connect(addr);
+    welcomed(connect(addr))
+}
+
+/// As [`join`], from the loopback address `source` (127.0.0.2, say).
+pub fn join_from(source: &str, addr: SocketAddr) -> (Ws, String) {
+    let stream = tcp_from(source, addr);
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+    welcomed(ws)
+}
+
+fn welcomed(mut ws: Ws) -> (Ws, String) {
     assert_eq!(recv_text(&mut ws), WELCOME);
     let local = ws.get_ref().local_addr().expect("local addr");
     (ws, local.to_string())
@@ -353,6 +369,8 @@ pub struct ServerProc {
     pub proc: Proc,
     pub addr: SocketAddr,
     pub log: Receiver<String>,
+    /// What the server logged before it said where it listens.
+    early: Vec<String>,
 }
 
 impl ServerProc {
@@ -370,6 +388,7 @@ impl ServerProc {
         let mut proc = Proc::spawn(command.stdin(Stdio::null()).stderr(Stdio::piped()));
         let log = lines(proc.child.stderr.take().expect("stderr"));
         let deadline = Instant::now() + WAIT;
+        let mut early = Vec::new();
         let addr = loop {
             let line = log
                 .recv_deadline(deadline)
@@ -380,12 +399,21 @@ impl ServerProc {
                     .parse()
                     .expect("addr");
             }
+            early.push(line);
         };
-        ServerProc { proc, addr, log }
+        ServerProc {
+            proc,
+            addr,
+            log,
+            early,
+        }
     }
 
     /// Wait for a log line containing `needle`; returns it.
     pub fn expect_log(&self, needle: &str) -> String {
+        if let Some(line) = self.early.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
         let deadline = Instant::now() + WAIT;
         loop {
             match self.log.recv_deadline(deadline) {
@@ -411,15 +439,32 @@ pub fn lines(stderr: ChildStderr) -> Receiver<String> {
     rx
 }
 
-/// Counts read from /proc for process `pid`.
+/// How many threads process `pid` has, from /proc. Fails the test if /proc cannot be read,
+/// so that comparing two counts can never pass because both are unknown.
 pub fn threads_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    count_entries(&format!("/proc/{pid}/task"))
 }
 
+/// How many file descriptors process `pid` holds, from /proc; fails if it cannot be read.
 pub fn fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    count_entries(&format!("/proc/{pid}/fd"))
+}
+
+fn count_entries(dir: &str) -> usize {
+    let count = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {dir}: {e}"))
+        .count();
+    assert!(count > 0, "{dir} is empty");
+    count
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (127.0.0.2, say), to
+/// stand for a client on another host.
+pub fn tcp_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from: SocketAddr = format!("{source}:0").parse().expect("source address");
+    socket.bind(&from.into()).expect("bind the source address");
+    socket.connect(&addr.into()).expect("connect");
+    socket.into()
 }

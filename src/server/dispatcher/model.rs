@@ -1,0 +1,276 @@
+//! A model test of the dispatcher, without sockets or threads: random joins, leaves,
+//! broadcasts, pings, stalled clients, scan steps and a shutdown, through in-memory outlets
+//! that record what each client would have read. Then, for every client:
+//!
+//! - one global order: what it got is a contiguous run of the broadcasts, in order;
+//! - atomic join: the welcome, then exactly the `history` broadcasts before its join, then
+//!   every later one, with no gap and no duplicate;
+//! - a close always comes after all the data broadcast before it, and nothing after it;
+//! - a client that stops reading is closed with 1008 after an unbroken prefix;
+//!
+//! and the ring never holds more than the history once every client is up to date.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use proptest::prelude::*;
+
+use super::*;
+
+/// What one in-memory client was sent.
+#[derive(Debug, Default)]
+struct Wire {
+    frames: Vec<Frame>,
+    close: Option<Frame>,
+}
+
+/// An outlet that takes `room` frames (a stalled client) or all of them.
+struct MemOutlet {
+    id: PeerId,
+    wire: Arc<Mutex<Wire>>,
+    room: Option<usize>,
+}
+
+impl Outlet for MemOutlet {
+    fn id(&self) -> PeerId {
+        self.id
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 1))
+    }
+
+    fn send(&mut self, frames: &[Frame]) -> Sent {
+        assert!(
+            !frames.is_empty() && frames.len() <= MAX_BATCH,
+            "batch size"
+        );
+        let mut wire = self.wire.lock();
+        if wire.close.is_some() {
+            return Sent::Gone;
+        }
+        for frame in frames {
+            match &mut self.room {
+                Some(0) => return Sent::Overflow,
+                Some(room) => *room -= 1,
+                None => {}
+            }
+            wire.frames.push(frame.clone());
+        }
+        Sent::Done
+    }
+
+    fn close(&mut self, frame: Frame) {
+        self.wire.lock().close.get_or_insert(frame);
+    }
+
+    fn abort(&self) {}
+
+    fn silent_for(&self, _now: Instant) -> Duration {
+        Duration::ZERO
+    }
+
+    fn reap(&mut self) {}
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Join { room: Option<usize> },
+    Leave { who: usize, close: bool },
+    Broadcast,
+    Ping { who: usize },
+    Visit(usize),
+    Shutdown,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => proptest::option::weighted(0.3, 1..40usize).prop_map(|room| Op::Join { room }),
+        2 => (any::<usize>(), any::<bool>()).prop_map(|(who, close)| Op::Leave { who, close }),
+        8 => Just(Op::Broadcast),
+        1 => any::<usize>().prop_map(|who| Op::Ping { who }),
+        4 => (1..8usize).prop_map(Op::Visit),
+        1 => Just(Op::Shutdown),
+    ]
+}
+
+/// How a client's stay ended, first of all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ending {
+    Open,
+    Left { close: bool },
+    Shutdown,
+}
+
+struct Client {
+    id: PeerId,
+    wire: Arc<Mutex<Wire>>,
+    /// Broadcasts before its join.
+    joined_at: usize,
+    /// Broadcasts before its stay ended (leave or shutdown), if it did.
+    ended_at: Option<usize>,
+    ending: Ending,
+    after_shutdown: bool,
+}
+
+fn close_code(frame: &Frame) -> u16 {
+    assert_eq!(frame[0], 0x88, "a close frame");
+    match frame.get(2..4) {
+        Some(code) => u16::from_be_bytes([code[0], code[1]]),
+        None => 1005,
+    }
+}
+
+fn check(ops: &[Op], history: usize) {
+    let config = ServerConfig::default().history(history).ping_interval(None);
+    let mut dispatcher = Dispatcher::<MemOutlet>::new(&config);
+    let mut clients: Vec<Client> = Vec::new();
+    let mut live: Vec<usize> = Vec::new();
+    let mut sent: Vec<Frame> = Vec::new();
+    let mut shut_down = false;
+    for op in ops {
+        match *op {
+            Op::Join { room } => {
+                let id = clients.len() as PeerId + 1;
+                let wire = Arc::new(Mutex::new(Wire::default()));
+                let outlet = MemOutlet {
+                    id,
+                    wire: Arc::clone(&wire),
+                    room,
+                };
+                live.push(clients.len());
+                clients.push(Client {
+                    id,
+                    wire,
+                    joined_at: sent.len(),
+                    ended_at: shut_down.then_some(sent.len()),
+                    ending: if shut_down {
+                        Ending::Shutdown
+                    } else {
+                        Ending::Open
+                    },
+                    after_shutdown: shut_down,
+                });
+                dispatcher.handle(Event::Join(outlet));
+            }
+            Op::Leave { who, close } if !live.is_empty() => {
+                let client = &mut clients[live.remove(who % live.len())];
+                if client.ending == Ending::Open {
+                    client.ending = Ending::Left { close };
+                    client.ended_at = Some(sent.len());
+                }
+                let frame = close.then(|| message::close(CloseCode::Normal, ""));
+                dispatcher.handle(Event::Leave(client.id, frame));
+            }
+            Op::Broadcast => {
+                let frame = message::text("10.0.0.9:9: ", &format!("m{}", sent.len()));
+                sent.push(frame.clone());
+                dispatcher.handle(Event::Broadcast(frame));
+            }
+            Op::Ping { who } if !live.is_empty() => {
+                let id = clients[live[who % live.len()]].id;
+                dispatcher.handle(Event::Pong(id, message::pong(b"p")));
+            }
+            Op::Visit(n) => (0..n).for_each(|_| dispatcher.visit()),
+            Op::Shutdown if !shut_down => {
+                shut_down = true;
+                for &i in &live {
+                    if clients[i].ending == Ending::Open {
+                        clients[i].ending = Ending::Shutdown;
+                        clients[i].ended_at = Some(sent.len());
+                    }
+                }
+                dispatcher.handle(Event::Shutdown);
+            }
+            _ => {}
+        }
+        assert_eq!(
+            dispatcher.clients.len(),
+            live.len(),
+            "departed clients are forgotten"
+        );
+        if dispatcher.is_idle() {
+            dispatcher.rest();
+            assert!(
+                dispatcher.ring.len() <= history,
+                "the ring is trimmed at rest"
+            );
+        }
+    }
+    let mut visits = 0;
+    while !dispatcher.is_idle() {
+        dispatcher.visit();
+        visits += 1;
+        assert!(visits < 100_000, "the scan settles");
+    }
+    dispatcher.rest();
+    assert!(dispatcher.ring.len() <= history.min(sent.len()));
+    for client in &clients {
+        check_client(client, &sent, history);
+    }
+}
+
+fn check_client(client: &Client, sent: &[Frame], history: usize) {
+    let wire = client.wire.lock();
+    let who = format!("client {}", client.id);
+    if client.after_shutdown {
+        assert!(wire.frames.is_empty(), "{who}: nothing after shutdown");
+        assert_eq!(wire.close.as_ref().map(close_code), Some(1001), "{who}");
+        return;
+    }
+    assert_eq!(
+        wire.frames.first(),
+        Some(&message::welcome()),
+        "{who}: welcome first"
+    );
+    let data: Vec<&Frame> = wire.frames[1..].iter().filter(|f| f[0] != 0x8A).collect();
+    let start = client.joined_at - history.min(client.joined_at);
+    let end = client.ended_at.unwrap_or(sent.len());
+    let expected: Vec<&Frame> = sent[start..end].iter().collect();
+    let code = wire.close.as_ref().map(close_code);
+    if code == Some(1008) {
+        assert!(
+            expected.starts_with(&data),
+            "{who}: an unbroken prefix before 1008"
+        );
+        return;
+    }
+    assert_eq!(
+        data, expected,
+        "{who}: history, then every broadcast, in order"
+    );
+    let expected_code = match client.ending {
+        Ending::Open | Ending::Left { close: false } => None,
+        Ending::Left { close: true } => Some(1000),
+        Ending::Shutdown => Some(1001),
+    };
+    assert_eq!(
+        code, expected_code,
+        "{who}: the close, after all the data before it"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_client_sees_one_order_joins_are_atomic_and_closes_come_last(
+        ops in proptest::collection::vec(op(), 1..300),
+        history in 0..20usize,
+    ) {
+        check(&ops, history);
+    }
+}
+
+#[test]
+fn a_stalled_client_is_closed_with_1008_after_a_prefix() {
+    let ops = [
+        Op::Join { room: Some(3) },
+        Op::Join { room: None },
+        Op::Broadcast,
+        Op::Broadcast,
+        Op::Broadcast,
+        Op::Visit(4),
+    ];
+    check(&ops, 16);
+}
