@@ -1,8 +1,10 @@
 //! `cargo bench --bench relay`: our own load harness. Std threads and blocking sockets, like
 //! the product; no criterion, no async runtime.
 //!
-//! By default it starts the release server pinned to CPU 0 with logging at warn, pins itself
-//! to CPU 1, and runs every scenario. `-- --url ws://HOST:PORT --pid PID --label NAME`
+//! By default it starts the release server pinned to CPU 0 with logging at warn and flood
+//! control off (`--rate 0`: throughput runs measure the relay, not the limit), pins itself
+//! to CPU 1, and runs every scenario but the soak. `-- --only soak --seconds S` runs the
+//! soak alone, against a server with its default options, flood control included. `-- --url ws://HOST:PORT --pid PID --label NAME`
 //! measures any other server speaking the protocol instead; `-- --quick` is the short run
 //! CI uses; `-- --chart` redraws `docs/bench.svg` from the results collected so far.
 
@@ -10,6 +12,7 @@ mod fanout;
 mod procfs;
 mod report;
 mod scale;
+mod soak;
 mod wire;
 
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -34,13 +37,14 @@ struct Args {
     /// A short run, to check that the harness works (CI runs this)
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios: fanout, latency, connections, churn
+    /// Run only these scenarios: fanout, latency, connections, churn, soak (the soak runs
+    /// only when named)
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Receiver counts for the fan-out scenario [default: 1,10,100,1000; quick: 1,10,100]
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     receivers: Vec<usize>,
-    /// Seconds each fan-out run lasts [default: 3; quick: 0.3]
+    /// Seconds each fan-out run lasts [default: 3; quick: 0.3], or the soak [default: 60]
     #[arg(long, value_name = "SECS")]
     seconds: Option<f64>,
     /// Concurrent clients in the connections scenario
@@ -87,10 +91,11 @@ fn main() {
         return;
     }
     let pinned = pin_self();
+    let soak_only = args.only == ["soak"];
     let (target, _own) = match &args.url {
         Some(url) => (external(url, &args), None),
         None => {
-            let (target, child) = start_own(pinned);
+            let (target, child) = start_own(pinned, !soak_only);
             (target, Some(child))
         }
     };
@@ -98,6 +103,16 @@ fn main() {
         "target: {} at ws://{} (pid {}), harness pinned: {pinned}",
         target.label, target.addr, target.pid
     );
+    if args.url.is_none() {
+        println!(
+            "{}",
+            if soak_only {
+                "server options: the defaults (flood control on: --rate 10 --burst 50)"
+            } else {
+                "server options: --rate 0 (flood control off for throughput runs)"
+            }
+        );
+    }
     let mut out = report::Report::new(&target.label, args.quick);
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let sizes = match (&args.receivers[..], args.quick) {
@@ -135,6 +150,13 @@ fn main() {
         let seconds = if args.quick { 0.5 } else { 3.0 };
         out.churn(&scale::churn(&target, Duration::from_secs_f64(seconds), 8));
     }
+    if args.only.iter().any(|o| o == "soak") {
+        let seconds = args.seconds.unwrap_or(60.0);
+        match soak::run(&target, Duration::from_secs_f64(seconds)) {
+            Ok(result) => out.soak(&result),
+            Err(e) => out.failed("soak", &e),
+        }
+    }
     out.finish();
 }
 
@@ -165,8 +187,9 @@ fn external(url: &str, args: &Args) -> Target {
     }
 }
 
-/// Start the release server on a free port, pinned to CPU 0 when we are pinned to CPU 1.
-fn start_own(pinned: bool) -> (Target, OwnServer) {
+/// Start the release server on a free port, pinned to CPU 0 when we are pinned to CPU 1,
+/// with flood control off when `unthrottled`.
+fn start_own(pinned: bool, unthrottled: bool) -> (Target, OwnServer) {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -174,14 +197,17 @@ fn start_own(pinned: bool) -> (Target, OwnServer) {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let server = env!("CARGO_BIN_EXE_server");
     let bind = addr.to_string();
-    let server_args = ["--bind", bind.as_str(), "--log-level", "warn"];
+    let mut server_args = vec!["--bind", bind.as_str(), "--log-level", "warn"];
+    if unthrottled {
+        server_args.extend(["--rate", "0"]);
+    }
     let mut command = if pinned {
         let mut c = Command::new("taskset");
-        c.args(["-c", "0", server]).args(server_args);
+        c.args(["-c", "0", server]).args(&server_args);
         c
     } else {
         let mut c = Command::new(server);
-        c.args(server_args);
+        c.args(&server_args);
         c
     };
     let child = command

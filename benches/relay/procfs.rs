@@ -57,3 +57,8 @@ pub fn rss_kib(pid: &str) -> u64 {
 pub fn threads(pid: &str) -> u64 {
     status_field(pid, "Threads:")
 }
+
+/// Open file descriptors.
+pub fn fds(pid: &str) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}

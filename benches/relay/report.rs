@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::fanout::Fanout;
 use crate::scale::{Churn, Connections};
+use crate::soak::Soak;
 
 pub struct Report {
     run: u64,
@@ -127,6 +128,55 @@ impl Report {
                 ("cycles", r.cycles as f64),
                 ("cycles_per_s", r.cycles_per_s),
                 ("failures", r.failures as f64),
+            ],
+        );
+    }
+
+    pub fn soak(&mut self, r: &Soak) {
+        println!("soak     server resources over the run (RSS KiB, descriptors, threads):");
+        for s in r.samples.iter().chain(std::iter::once(&r.end)) {
+            println!(
+                "         {:>7.0} s  {:>8} KiB  {:>6} fds  {:>6} threads",
+                s.seconds, s.rss_kib, s.fds, s.threads
+            );
+        }
+        let start = r.samples.first().copied().unwrap_or_default();
+        println!(
+            "         start {} KiB, {} fds, {} threads; end (load gone) {} KiB, {} fds, {} threads",
+            start.rss_kib, start.fds, start.threads, r.end.rss_kib, r.end.fds, r.end.threads
+        );
+        println!(
+            "         room: {} chat messages, {} deliveries, {} lost, {} receivers dropped",
+            r.chat_messages, r.deliveries, r.lost, r.dropped_receivers
+        );
+        println!(
+            "         churn {} cycles ({} failed); {} aborted handshakes; {} idle connections; \
+             {} non-readers; flooder: {} frames over {} connections",
+            r.churn_cycles,
+            r.churn_failures,
+            r.aborted,
+            r.idle_opened,
+            r.non_readers,
+            r.flood_frames,
+            r.flood_connections
+        );
+        let peak = |f: fn(&crate::soak::Sample) -> u64| r.samples.iter().map(f).max().unwrap_or(0);
+        self.record(
+            "soak",
+            &[
+                ("seconds", r.samples.last().map_or(0.0, |s| s.seconds)),
+                ("rss_kib_start", start.rss_kib as f64),
+                ("rss_kib_peak", peak(|s| s.rss_kib) as f64),
+                ("rss_kib_end", r.end.rss_kib as f64),
+                ("fds_start", start.fds as f64),
+                ("fds_peak", peak(|s| s.fds) as f64),
+                ("fds_end", r.end.fds as f64),
+                ("threads_start", start.threads as f64),
+                ("threads_peak", peak(|s| s.threads) as f64),
+                ("threads_end", r.end.threads as f64),
+                ("lost", r.lost as f64),
+                ("dropped_receivers", r.dropped_receivers as f64),
+                ("churn_cycles", r.churn_cycles as f64),
             ],
         );
     }

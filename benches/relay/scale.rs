@@ -162,7 +162,8 @@ pub fn churn(target: &Target, duration: Duration, concurrency: usize) -> Churn {
     }
 }
 
-fn cycle(target: &Target, text: &str) -> io::Result<()> {
+/// Connect, send `text`, wait for its broadcast, close with the close handshake.
+pub fn cycle(target: &Target, text: &str) -> io::Result<()> {
     let mut conn = Conn::open(target.addr, Duration::from_secs(10))?;
     wire::send_frame(&conn.stream, 1, text.as_bytes())?;
     skip_until(&mut conn, text.as_bytes())?;

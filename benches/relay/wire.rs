@@ -157,6 +157,12 @@ impl Conn {
 
 /// Write one masked client frame.
 pub fn send_frame(stream: &TcpStream, opcode: u8, payload: &[u8]) -> io::Result<()> {
+    let mut stream = stream;
+    stream.write_all(&frame(opcode, payload))
+}
+
+/// One masked client frame.
+pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     out.push(0x80 | opcode);
     match payload.len() {
@@ -172,8 +178,7 @@ pub fn send_frame(stream: &TcpStream, opcode: u8, payload: &[u8]) -> io::Result<
     }
     out.extend_from_slice(&MASK);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    let mut stream = stream;
-    stream.write_all(&out)
+    out
 }
 
 /// The text after the sender's tag: "127.0.0.1:5: text" gives "text".

@@ -160,6 +160,11 @@ impl Session<'_> {
                 Ok(message) => message,
                 Err(e) => return self.failed(e),
             };
+            if self.peer.is_cut() {
+                return End::Dropped {
+                    why: "cut by the server".to_string(),
+                };
+            }
             self.peer.heard();
             let event = match message {
                 Message::Text(text) => {

@@ -23,7 +23,7 @@ use std::io::{self, IoSlice};
 use std::mem;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,8 @@ pub(crate) struct Peer {
     pub(crate) stream: TcpStream,
     born: Instant,
     last_heard_ms: AtomicU64,
+    /// The server is done with this connection: its thread stops reading.
+    cut: AtomicBool,
     write: Mutex<Writing>,
     changed: Condvar,
 }
@@ -111,6 +113,7 @@ impl Peer {
             stream,
             born: Instant::now(),
             last_heard_ms: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
             write: Mutex::new(Writing {
                 state: WriteState::Direct,
                 writer: None,
@@ -140,9 +143,17 @@ impl Peer {
     }
 
     /// Cut the connection without ceremony: wakes the connection thread's read and any
-    /// writer's blocked write, which then end.
+    /// writer's blocked write, which then end. The connection thread stops even if the
+    /// client's data is still buffered (a flooder's, say: reading it at its rate could
+    /// take hours).
     pub(crate) fn abort(&self) {
+        self.cut.store(true, Ordering::Release);
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Whether the connection was cut and its thread should stop reading.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
     }
 
     /// Whether the server has already sent or queued its close frame to this client.

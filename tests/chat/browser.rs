@@ -2,7 +2,10 @@
 //! DevTools protocol, next to a command-line-side tungstenite client.
 
 use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -238,4 +241,80 @@ fn the_page_chats_with_terminal_clients_and_reconnects_after_a_restart() {
         "a message after the restart",
         &shows(&terminal_tag, "welcome back"),
     );
+}
+
+/// Serve `page` to every request on a free port until `stop` is set; returns the address.
+fn serve_page<'s>(
+    scope: &'s thread::Scope<'s, '_>,
+    page: String,
+    stop: &'s AtomicBool,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    scope.spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).expect("blocking");
+                    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request);
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n{page}",
+                        page.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(ms(10)),
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    });
+    addr
+}
+
+/// A page on another site that opens the WebSocket of the chat named in its query string
+/// (`?chat=HOST:PORT`) and shows what happened.
+const OTHER_SITE: &str = "<!doctype html><title>another site</title><p id=result>pending</p>\
+    <script>\
+    const result = document.getElementById('result');\
+    const chat = new URLSearchParams(location.search).get('chat');\
+    const ws = new WebSocket('ws://' + chat + '/');\
+    ws.onopen = () => { result.textContent = 'open'; };\
+    ws.onclose = (e) => { if (result.textContent === 'pending') \
+        result.textContent = 'refused ' + e.code; };\
+    </script>";
+
+#[test]
+fn a_page_from_another_origin_cannot_connect_unless_allowed() {
+    let Some(chromium) = chromium() else { return };
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let site = serve_page(s, OTHER_SITE.to_string(), &stop);
+        let strict = default_server();
+        let allowing = server(ServerConfig::default().allow_origin(format!("http://{site}")));
+        let browser = launch(&chromium);
+        let tab = browser.new_tab().expect("tab");
+        let result = "document.getElementById('result').textContent";
+
+        tab.navigate_to(&format!("http://{site}/?chat={}", strict.local_addr()))
+            .expect("navigate");
+        wait_for(
+            &tab,
+            "the cross-site WebSocket to be refused",
+            &format!("{result}.startsWith('refused')"),
+        );
+        assert_eq!(strict.client_count(), 0, "it never joined");
+
+        tab.navigate_to(&format!("http://{site}/?chat={}", allowing.local_addr()))
+            .expect("navigate");
+        wait_for(
+            &tab,
+            "the allowed origin to connect",
+            &format!("{result} === 'open'"),
+        );
+        stop.store(true, Ordering::Release);
+    });
 }
