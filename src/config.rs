@@ -7,6 +7,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The largest [`ServerConfig::queue`]: a slow client's queue is allocated whole, so this
+/// bounds it to about 2.5 MiB.
+pub const MAX_QUEUE: usize = 65_536;
+
 /// How the server listens, what it keeps and what it tolerates.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -19,12 +23,14 @@ pub struct ServerConfig {
     /// refused with close code 1009.
     pub max_message_size: usize,
     /// How many messages may wait for one client once its socket buffer is full.
-    /// Default 256. A client that falls further behind is closed with code 1008.
+    /// Default 256, at most [`MAX_QUEUE`]. A client that falls further behind is closed
+    /// with code 1008.
     ///
     /// The kernel's socket buffer (megabytes on loopback and LANs) absorbs ordinary bursts;
     /// this queue only holds what does not fit there. It exists only while a client is
-    /// behind, holds shared frames (16 bytes a slot), and bounds the history a stalled
-    /// client can pin to `queue` messages.
+    /// behind, is allocated whole when it starts (about 40 bytes a slot: a shared frame,
+    /// never a copy of the message), and bounds the history a stalled client can pin to
+    /// `queue` messages.
     pub queue: usize,
     /// How often the server pings each client. Default 30 s. A client silent for two
     /// intervals is dropped. `None` turns keepalive off.

@@ -2,11 +2,12 @@
 //! the product; no criterion, no async runtime.
 //!
 //! By default it starts the release server pinned to CPU 0 with logging at warn and flood
-//! control off (`--rate 0`: throughput runs measure the relay, not the limit), pins itself
-//! to CPU 1, and runs every scenario but the soak. `-- --only soak --seconds S` runs the
-//! soak alone, against a server with its default options, flood control included. `-- --url ws://HOST:PORT --pid PID --label NAME`
-//! measures any other server speaking the protocol instead; `-- --quick` is the short run
-//! CI uses; `-- --chart` redraws `docs/bench.svg` from the results collected so far.
+//! control off (`--rate 0`: throughput runs measure the relay, not the limit), pins
+//! itself to CPU 1, and runs every scenario but the soak. `-- --only soak --seconds S`
+//! runs the soak alone, against a server with its default options.
+//! `-- --url ws://HOST:PORT --pid PID --label NAME` measures any other server speaking the
+//! protocol instead; `-- --quick` is the short run CI uses; `-- --chart` redraws
+//! `docs/bench.svg` from the results collected so far.
 
 mod fanout;
 mod procfs;
@@ -90,8 +91,12 @@ fn main() {
         }
         return;
     }
-    let pinned = pin_self();
     let soak_only = args.only == ["soak"];
+    if !soak_only && args.only.iter().any(|o| o == "soak") {
+        eprintln!("relay: run the soak alone (--only soak): it uses the server's default options");
+        std::process::exit(2);
+    }
+    let pinned = pin_self();
     let (target, _own) = match &args.url {
         Some(url) => (external(url, &args), None),
         None => {

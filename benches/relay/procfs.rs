@@ -58,7 +58,9 @@ pub fn threads(pid: &str) -> u64 {
     status_field(pid, "Threads:")
 }
 
-/// Open file descriptors.
-pub fn fds(pid: &str) -> u64 {
-    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+/// Open file descriptors, or `None` when /proc cannot tell (no such process, or not ours).
+pub fn fds(pid: &str) -> Option<u64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count() as u64)
 }

@@ -9,7 +9,8 @@
 //! - aborted handshakes: a request, then a reset or a close before the answer;
 //! - idle and trickling connections from another address (127.0.0.2), more than it may
 //!   hold, replaced as the server cuts them;
-//! - non-readers: clients that join and never read, replaced every 40 s;
+//! - non-readers: clients that join and never read, but ping every second so that keepalive
+//!   takes them for alive, replaced every 40 s;
 //! - a flooder that sends as fast as TCP lets it and never reads.
 //!
 //! A few threads drive it all; none is spent per socket.
@@ -77,18 +78,26 @@ struct Counters {
     flood_connections: AtomicU64,
 }
 
-fn sample(target: &Target, started: Instant) -> Sample {
-    Sample {
+/// The server's resources now; fails when /proc cannot tell, so that "back where it
+/// started" can never hold because nothing was measured.
+fn sample(target: &Target, started: Instant) -> io::Result<Sample> {
+    let fds = procfs::fds(&target.pid).ok_or_else(|| {
+        io::Error::other(format!(
+            "cannot read /proc/{}/fd; the soak needs the server's --pid",
+            target.pid
+        ))
+    })?;
+    Ok(Sample {
         seconds: started.elapsed().as_secs_f64(),
         rss_kib: procfs::rss_kib(&target.pid),
-        fds: procfs::fds(&target.pid),
+        fds,
         threads: procfs::threads(&target.pid),
-    }
+    })
 }
 
 pub fn run(target: &Target, duration: Duration) -> io::Result<Soak> {
     let started = Instant::now();
-    let mut samples = vec![sample(target, started)];
+    let mut samples = vec![sample(target, started)?];
     let stop = AtomicBool::new(false);
     let counters = Counters::default();
     let every = (duration / 10).max(Duration::from_secs(1));
@@ -109,7 +118,7 @@ pub fn run(target: &Target, duration: Duration) -> io::Result<Soak> {
         let mut next = started + every;
         while started.elapsed() < duration {
             thread::sleep(next.saturating_duration_since(Instant::now()).min(duration));
-            samples.push(sample(target, started));
+            samples.push(sample(target, started)?);
             next += every;
         }
         stop.store(true, Ordering::Release);
@@ -118,10 +127,10 @@ pub fn run(target: &Target, duration: Duration) -> io::Result<Soak> {
     // Everything the harness opened is closed; give the server a moment to let go.
     let baseline = samples[0];
     let deadline = Instant::now() + TIMEOUT;
-    let mut end = sample(target, started);
+    let mut end = sample(target, started)?;
     while (end.fds, end.threads) != (baseline.fds, baseline.threads) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
-        end = sample(target, started);
+        end = sample(target, started)?;
     }
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     Ok(Soak {
@@ -261,6 +270,11 @@ fn abuse(addr: SocketAddr, stop: &AtomicBool, counters: &Counters) {
             }
         }
         non_readers.retain(|(_, since)| since.elapsed() < NON_READER_LIFE);
+        if tick % 50 == 0 {
+            for (stream, _) in &non_readers {
+                let _ = (&*stream).write_all(&wire::frame(9, b""));
+            }
+        }
         if non_readers.len() < NON_READERS
             && let Ok(stream) = non_reader(addr)
         {

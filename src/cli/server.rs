@@ -41,10 +41,10 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
     max_message_size: u32,
 
-    /// Messages that may wait for a client whose socket buffer is full, 1 to 1000000; a
-    /// client that falls further behind is closed with 1008
+    /// Messages that may wait for a client whose socket buffer is full, 1 to 65536; a client
+    /// that falls further behind is closed with 1008
     #[arg(long, value_name = "N", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
     queue: u32,
 
     /// Seconds between pings to each client, 0 to 86400; a client silent for two intervals

@@ -84,7 +84,7 @@ impl Admission {
             max_pending: config.max_pending.max(1),
             max_pending_per_source: config.max_pending_per_ip.max(1),
             pending: Mutex::default(),
-            origins: Origins::new(&config.allow_origins),
+            origins: Origins::new(&config.allow_origins, config.bind.ip().is_loopback()),
         }
     }
 

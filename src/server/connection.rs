@@ -24,7 +24,7 @@ use super::later;
 use super::peer::{Peer, PeerOutlet};
 use crate::config::ServerConfig;
 use crate::error::is_disconnect;
-use crate::message::{self, Frame};
+use crate::message::{self, Frame, printable};
 
 /// Bytes tungstenite reads per system call, allocated per client and zero-filled before
 /// every read, so all of it is resident. Measured with 2000 idle clients: 4 KiB makes 15.4
@@ -44,7 +44,8 @@ pub(crate) struct Context {
 }
 
 /// The body of a connection thread. `pending` is the connection's room for its handshake,
-/// given back as soon as the handshake is over.
+/// held until the client has joined or the connection ends (including the linger after an
+/// HTTP answer, which also holds a thread).
 pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
     let config = &context.config;
     let deadline = later(Instant::now(), config.handshake_timeout);
@@ -60,6 +61,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
             session.run(leftover);
         }
         Ok(Outcome::Answered { status, detail }) => {
+            let detail = printable(&detail);
             if status < 400 {
                 info!("{} left after HTTP {status}: {detail}", peer.addr);
             } else {
@@ -67,6 +69,10 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
             }
             close_gracefully(&peer.stream, LINGER);
         }
+        _ if peer.is_cut() => info!(
+            "{} was cut during its handshake to make room for others",
+            peer.addr
+        ),
         Ok(Outcome::Vanished) => info!("{} left before sending a request", peer.addr),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => info!(
             "{} did not complete the handshake within {} s; closed",
@@ -166,16 +172,18 @@ impl Session<'_> {
                 };
             }
             self.peer.heard();
+            let counts = matches!(message, Message::Text(_) | Message::Ping(_));
+            if counts && !self.hold_back(&mut flood) {
+                return End::Dropped {
+                    why: "cut by the server".to_string(),
+                };
+            }
             let event = match message {
                 Message::Text(text) => {
-                    self.hold_back(&mut flood);
                     info!("{} says {:?}", self.peer.addr, text.as_str());
                     Event::Broadcast(message::text(&tag, &text))
                 }
-                Message::Ping(payload) => {
-                    self.hold_back(&mut flood);
-                    Event::Pong(self.peer.id, message::pong(&payload))
-                }
+                Message::Ping(payload) => Event::Pong(self.peer.id, message::pong(&payload)),
                 Message::Pong(_) => continue,
                 Message::Close(frame) => return closed_by_client(frame),
                 Message::Binary(_) => {
@@ -197,13 +205,14 @@ impl Session<'_> {
 
     /// Flood control: when the client is over its rate, wait before handling its message
     /// and reading on, so that TCP slows the client down. The wait is not its silence.
-    fn hold_back(&self, flood: &mut Flood) {
+    /// Returns whether to go on: not if the server cut the client meanwhile.
+    fn hold_back(&self, flood: &mut Flood) -> bool {
         let Some(bucket) = &mut flood.bucket else {
-            return;
+            return true;
         };
         let wait = bucket.take(Instant::now());
         if wait.is_zero() {
-            return;
+            return true;
         }
         if !flood.told {
             flood.told = true;
@@ -214,6 +223,7 @@ impl Session<'_> {
         }
         self.peer.heard_until(wait);
         thread::sleep(wait);
+        !self.peer.is_cut()
     }
 
     fn failed(&self, error: WsError) -> End {

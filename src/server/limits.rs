@@ -3,7 +3,7 @@
 use log::{debug, warn};
 use rlimit::Resource;
 
-use super::ENDING_THREADS;
+use super::thread_cap;
 use crate::config::ServerConfig;
 
 /// Descriptors the server needs besides its connections: the listener, stdio, and room for
@@ -32,8 +32,7 @@ pub fn raise_open_file_limit(config: &ServerConfig) {
             Err(e) => debug!("cannot raise the open-file limit from {soft} to {hard}: {e}"),
         }
     }
-    let connections = config.max_clients + config.max_pending + ENDING_THREADS;
-    let needed = connections as u64 + RESERVED_FDS;
+    let needed = (thread_cap(config) as u64).saturating_add(RESERVED_FDS);
     if limit < needed {
         warn!(
             "the open-file limit is {limit}, but --max-clients {} with --max-pending {} needs \

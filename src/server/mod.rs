@@ -21,7 +21,7 @@ use log::{debug, error, warn};
 use parking_lot::Mutex;
 use socket2::{Domain, SockRef, Socket, Type};
 
-use self::admission::{Admission, Refusal};
+use self::admission::{Admission, Pending, Refusal};
 use self::connection::Context;
 use self::dispatcher::Dispatcher;
 use self::inbox::Event;
@@ -340,46 +340,31 @@ impl Acceptor {
         debug!("acceptor stopped");
     }
 
+    /// Give a new connection room for its handshake and a thread, or close it at once.
     fn start(&mut self, stream: TcpStream, addr: SocketAddr) {
-        let config = &self.context.config;
-        let mut connections = self.connections.lock();
-        let threads = config.max_clients + config.max_pending + ENDING_THREADS;
+        let registry = Arc::clone(&self.connections);
+        let mut connections = registry.lock();
+        let threads = thread_cap(&self.context.config);
         if connections.live.len() >= threads {
             if let Some(more) = self.refusals.ready() {
                 warn!(
-                    "closing {addr} at once: {} connections are open already{more}",
-                    connections.live.len()
+                    "closing {addr} at once: {threads} connection threads are running, \
+                     the most --max-clients and --max-pending allow{more}"
                 );
             }
             return;
         }
         self.next_id += 1;
-        let id = self.next_id;
-        let peer = Arc::new(Peer::new(id, stream, addr));
-        let pending = match self.context.admission.begin(&peer, Instant::now()) {
-            Ok((pending, evicted)) => {
-                if let Some(cut) = evicted
-                    && let Some(more) = self.evictions.ready()
-                {
-                    warn!(
-                        "cut the handshake of {cut} to make room: {} handshakes were under                          way and it had waited longest (--max-pending){more}",
-                        config.max_pending
-                    );
-                }
-                pending
-            }
-            Err(refusal) => {
-                if let Some(more) = self.refusals.ready() {
-                    warn!("closing {addr} at once: {}{more}", refused(refusal, config));
-                }
-                return;
-            }
+        let peer = Arc::new(Peer::new(self.next_id, stream, addr));
+        let Some(pending) = self.admit(&peer) else {
+            return;
         };
         log::info!("connection from {addr}");
         if let Err(e) = peer.stream.set_nodelay(true) {
             debug!("{addr}: cannot set TCP_NODELAY: {e}");
         }
         let weak = Arc::downgrade(&peer);
+        let id = peer.id;
         let context = Arc::clone(&self.context);
         let done = DoneSignal {
             id,
@@ -393,16 +378,44 @@ impl Acceptor {
             });
         match spawned {
             Ok(thread) => {
-                connections.live.insert(
-                    id,
-                    Live {
-                        addr,
-                        peer: weak,
-                        thread,
-                    },
-                );
+                let live = Live {
+                    addr,
+                    peer: weak,
+                    thread,
+                };
+                connections.live.insert(id, live);
             }
             Err(e) => error!("cannot start a thread for {addr}: {e}; closing it"),
+        }
+    }
+
+    /// Room for `peer`'s handshake, logging (at most once a second) a refusal or a
+    /// handshake cut to make room.
+    fn admit(&mut self, peer: &Arc<Peer>) -> Option<Pending> {
+        let config = &self.context.config;
+        match self.context.admission.begin(peer, Instant::now()) {
+            Ok((pending, evicted)) => {
+                if let Some(cut) = evicted
+                    && let Some(more) = self.evictions.ready()
+                {
+                    warn!(
+                        "cut the handshake of {cut} to make room: {} handshakes were under \
+                         way and it had waited longest (--max-pending){more}",
+                        config.max_pending
+                    );
+                }
+                Some(pending)
+            }
+            Err(refusal) => {
+                if let Some(more) = self.refusals.ready() {
+                    warn!(
+                        "closing {} at once: {}{more}",
+                        peer.addr,
+                        refused(refusal, config)
+                    );
+                }
+                None
+            }
         }
     }
 
@@ -434,6 +447,15 @@ fn refused(refusal: Refusal, config: &ServerConfig) -> String {
             config.max_pending
         ),
     }
+}
+
+/// The most connection threads the server runs: every client, every handshake, and a few
+/// handshakes just cut whose threads are still ending.
+fn thread_cap(config: &ServerConfig) -> usize {
+    config
+        .max_clients
+        .saturating_add(config.max_pending)
+        .saturating_add(ENDING_THREADS)
 }
 
 /// `now + after`, or as far ahead as the clock goes: an interval of years means "never",

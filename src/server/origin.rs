@@ -7,6 +7,11 @@
 //! neither the server's own (the `Host` the request was sent to) nor allowed with
 //! `--allow-origin` is refused. Requests without `Origin` do not come from a web page
 //! (command-line clients, scripts) and are accepted.
+//!
+//! A server listening on a loopback address also refuses its "own" origin under a name
+//! that is not a loopback name: that is DNS rebinding, a page from `evil.example` whose
+//! name the attacker pointed at 127.0.0.1 after it loaded, so that its WebSocket to
+//! `ws://evil.example:8080` looks same-origin.
 
 use std::fmt;
 
@@ -16,6 +21,8 @@ pub(crate) struct Origins {
     any: bool,
     null: bool,
     allowed: Vec<Origin>,
+    /// The server listens on loopback only, so its own origin must use a loopback name.
+    loopback: bool,
 }
 
 /// A web origin, `scheme://host[:port]`, with its parts compared as browsers do: scheme and
@@ -31,8 +38,11 @@ impl Origins {
     /// From `--allow-origin` values: `*` allows any origin, `null` the opaque origin of
     /// sandboxed frames and local files, anything else must be a valid origin (values that
     /// are not were refused when the options were parsed, see [`Origin::parse`]).
-    pub(crate) fn new(values: &[String]) -> Self {
-        let mut origins = Origins::default();
+    pub(crate) fn new(values: &[String], loopback: bool) -> Self {
+        let mut origins = Origins {
+            loopback,
+            ..Origins::default()
+        };
         for value in values {
             match value.as_str() {
                 "*" => origins.any = true,
@@ -78,14 +88,35 @@ impl Origins {
                     port: port.unwrap_or(origin.port_default()),
                 })
             });
-        if own.as_ref() == Some(&origin) || self.allowed.contains(&origin) {
+        if self.allowed.contains(&origin) {
             return Ok(());
+        }
+        if own.as_ref() == Some(&origin) {
+            if !self.loopback || is_loopback_name(&origin.host) {
+                return Ok(());
+            }
+            return Err(format!(
+                "a page from {origin} reached this server by the name {}, which is not a \
+                 loopback name though the server listens on loopback only (DNS rebinding?); \
+                 to allow it, start the server with --allow-origin {origin}",
+                origin.host
+            ));
         }
         Err(format!(
             "a page from {origin} may not open a WebSocket here (it is not this server's \
              origin); to allow it, start the server with --allow-origin {origin}"
         ))
     }
+}
+
+/// `localhost`, a name under it, or a loopback address.
+fn is_loopback_name(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Origin {
@@ -154,8 +185,15 @@ fn split_host_port(text: &str) -> Result<(&str, Option<u16>), String> {
             None => (text, None),
         }
     };
-    if host.is_empty() || host.contains([':', ' ']) && !host.starts_with('[') {
-        return Err(format!("{text:?} has no valid host"));
+    let host_char = |c: char| c.is_ascii_alphanumeric() || "-._[]:".contains(c);
+    if host.is_empty()
+        || !host.chars().all(host_char)
+        || host.contains(':') && !host.starts_with('[')
+    {
+        return Err(format!(
+            "{:?} has no valid host",
+            text.escape_debug().to_string()
+        ));
     }
     let port = match port {
         Some(p) => Some(
@@ -175,7 +213,37 @@ mod tests {
 
     fn check(allowed: &[&str], origin: Option<&str>, host: Option<&str>) -> Result<(), String> {
         let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
-        Origins::new(&allowed).check(origin.map(str::as_bytes), host.map(str::as_bytes))
+        Origins::new(&allowed, false).check(origin.map(str::as_bytes), host.map(str::as_bytes))
+    }
+
+    #[test]
+    fn on_loopback_the_own_origin_needs_a_loopback_name() {
+        let origins = Origins::new(&[], true);
+        let check = |origin: &str, host: &str| {
+            origins.check(Some(origin.as_bytes()), Some(host.as_bytes()))
+        };
+        for (origin, host) in [
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http://localhost:8080", "localhost:8080"),
+            ("http://[::1]:8080", "[::1]:8080"),
+        ] {
+            assert!(check(origin, host).is_ok(), "{origin}");
+        }
+        let rebound =
+            check("http://evil.example:8080", "evil.example:8080").expect_err("rebinding");
+        assert!(
+            rebound.contains("DNS rebinding") && rebound.contains("--allow-origin"),
+            "{rebound}"
+        );
+        let allowed = Origins::new(&["http://chat.example:8080".to_string()], true);
+        assert!(
+            allowed
+                .check(
+                    Some(b"http://chat.example:8080"),
+                    Some(b"chat.example:8080")
+                )
+                .is_ok()
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ use parking_lot::{Condvar, Mutex};
 use socket2::SockRef;
 
 use super::dispatcher::{MAX_BATCH, Outlet, Sent};
+use crate::config::MAX_QUEUE;
 use crate::message::Frame;
 
 /// Stack for a backlog writer: it only moves bytes, so a small one suffices.
@@ -263,7 +264,9 @@ pub(crate) struct PeerOutlet {
 struct Backlog {
     tx: Option<Sender<Frame>>,
     capacity: usize,
-    /// A writer thread was started and has not been joined yet.
+    /// A writer thread was started and has not been joined yet: lets the dispatcher's
+    /// housekeeping pass over the many clients that never had one without taking their
+    /// locks.
     started_writer: bool,
 }
 
@@ -274,7 +277,7 @@ impl PeerOutlet {
             peer,
             backlog: Backlog {
                 tx: None,
-                capacity: capacity.max(1),
+                capacity: capacity.clamp(1, MAX_QUEUE),
                 started_writer: false,
             },
         }
@@ -391,7 +394,9 @@ impl Backlog {
         frames: impl Iterator<Item = Frame>,
     ) -> Sent {
         if let Some(previous) = write.writer.take() {
-            // It handed the socket back as its last act, so this returns at once.
+            // The write side is `Direct` (only then does a new writer start), and only the
+            // previous writer sets `Direct`, as its last act before it returns: so it has
+            // ended, or is about to, and this join under the lock returns at once.
             join_writer(previous, peer.addr);
         }
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);

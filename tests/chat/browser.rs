@@ -304,9 +304,15 @@ fn a_page_from_another_origin_cannot_connect_unless_allowed() {
         wait_for(
             &tab,
             "the cross-site WebSocket to be refused",
-            &format!("{result}.startsWith('refused')"),
+            &format!("{result} === 'refused 1006'"),
         );
         assert_eq!(strict.client_count(), 0, "it never joined");
+        let (mut script, me) = join(strict.local_addr());
+        send(&mut script, "no Origin, no problem");
+        assert_eq!(
+            recv_text(&mut script),
+            format!("{me}: no Origin, no problem")
+        );
 
         tab.navigate_to(&format!("http://{site}/?chat={}", allowing.local_addr()))
             .expect("navigate");

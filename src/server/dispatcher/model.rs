@@ -6,9 +6,12 @@
 //! - atomic join: the welcome, then exactly the `history` broadcasts before its join, then
 //!   every later one, with no gap and no duplicate;
 //! - a close always comes after all the data broadcast before it, and nothing after it;
-//! - a client that stops reading is closed with 1008 after an unbroken prefix;
+//! - a client that stops reading is closed with 1008 after an unbroken prefix, and is sent
+//!   nothing more once its queue has overflowed;
+//! - a client whose socket failed got an unbroken prefix;
 //!
-//! and the ring never holds more than the history once every client is up to date.
+//! and the ring never holds more than the history once every client is up to date, and
+//! every batch handed to an outlet is within [`MAX_BATCH`].
 
 use std::sync::Arc;
 
@@ -22,6 +25,10 @@ use super::*;
 struct Wire {
     frames: Vec<Frame>,
     close: Option<Frame>,
+    /// Its queue overflowed: the dispatcher must close it before anything else.
+    overflowed: bool,
+    /// Its socket failed (or was aborted): every send fails from now on.
+    broken: bool,
 }
 
 /// An outlet that takes `room` frames (a stalled client) or all of them.
@@ -46,12 +53,19 @@ impl Outlet for MemOutlet {
             "batch size"
         );
         let mut wire = self.wire.lock();
-        if wire.close.is_some() {
+        if wire.close.is_some() || wire.broken {
             return Sent::Gone;
         }
+        assert!(
+            !wire.overflowed,
+            "sent to a client past its queue before closing it"
+        );
         for frame in frames {
             match &mut self.room {
-                Some(0) => return Sent::Overflow,
+                Some(0) => {
+                    wire.overflowed = true;
+                    return Sent::Overflow;
+                }
                 Some(room) => *room -= 1,
                 None => {}
             }
@@ -61,10 +75,15 @@ impl Outlet for MemOutlet {
     }
 
     fn close(&mut self, frame: Frame) {
-        self.wire.lock().close.get_or_insert(frame);
+        let mut wire = self.wire.lock();
+        if !wire.broken {
+            wire.close.get_or_insert(frame);
+        }
     }
 
-    fn abort(&self) {}
+    fn abort(&self) {
+        self.wire.lock().broken = true;
+    }
 
     fn silent_for(&self, _now: Instant) -> Duration {
         Duration::ZERO
@@ -75,11 +94,24 @@ impl Outlet for MemOutlet {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Join { room: Option<usize> },
-    Leave { who: usize, close: bool },
+    Join {
+        room: Option<usize>,
+    },
+    Leave {
+        who: usize,
+        close: bool,
+    },
     Broadcast,
-    Ping { who: usize },
+    Ping {
+        who: usize,
+    },
     Visit(usize),
+    /// The dispatcher's timers, this many seconds on: pings, unanswered closes.
+    Tick(u64),
+    /// A client's socket fails.
+    Fail {
+        who: usize,
+    },
     Shutdown,
 }
 
@@ -90,6 +122,8 @@ fn op() -> impl Strategy<Value = Op> {
         8 => Just(Op::Broadcast),
         1 => any::<usize>().prop_map(|who| Op::Ping { who }),
         4 => (1..8usize).prop_map(Op::Visit),
+        1 => (1..8u64).prop_map(Op::Tick),
+        1 => any::<usize>().prop_map(|who| Op::Fail { who }),
         1 => Just(Op::Shutdown),
     ]
 }
@@ -122,8 +156,11 @@ fn close_code(frame: &Frame) -> u16 {
 }
 
 fn check(ops: &[Op], history: usize) {
-    let config = ServerConfig::default().history(history).ping_interval(None);
+    let config = ServerConfig::default()
+        .history(history)
+        .ping_interval(Some(Duration::from_secs(1)));
     let mut dispatcher = Dispatcher::<MemOutlet>::new(&config);
+    let mut clock = Instant::now();
     let mut clients: Vec<Client> = Vec::new();
     let mut live: Vec<usize> = Vec::new();
     let mut sent: Vec<Frame> = Vec::new();
@@ -172,6 +209,13 @@ fn check(ops: &[Op], history: usize) {
                 dispatcher.handle(Event::Pong(id, message::pong(b"p")));
             }
             Op::Visit(n) => (0..n).for_each(|_| dispatcher.visit()),
+            Op::Tick(seconds) => {
+                clock += Duration::from_secs(seconds);
+                dispatcher.housekeeping(clock);
+            }
+            Op::Fail { who } if !live.is_empty() => {
+                clients[live[who % live.len()]].wire.lock().broken = true;
+            }
             Op::Shutdown if !shut_down => {
                 shut_down = true;
                 for &i in &live {
@@ -223,16 +267,16 @@ fn check_client(client: &Client, sent: &[Frame], history: usize) {
         Some(&message::welcome()),
         "{who}: welcome first"
     );
-    let data: Vec<&Frame> = wire.frames[1..].iter().filter(|f| f[0] != 0x8A).collect();
+    let data: Vec<&Frame> = wire.frames[1..]
+        .iter()
+        .filter(|f| !matches!(f[0], 0x89 | 0x8A))
+        .collect();
     let start = client.joined_at - history.min(client.joined_at);
     let end = client.ended_at.unwrap_or(sent.len());
     let expected: Vec<&Frame> = sent[start..end].iter().collect();
     let code = wire.close.as_ref().map(close_code);
-    if code == Some(1008) {
-        assert!(
-            expected.starts_with(&data),
-            "{who}: an unbroken prefix before 1008"
-        );
+    if code == Some(1008) || wire.broken {
+        assert!(expected.starts_with(&data), "{who}: an unbroken prefix");
         return;
     }
     assert_eq!(
