@@ -104,6 +104,9 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// Never inlined into the connection thread's body, whose frame sits under the
+    /// handshake's: keeping the two apart keeps an idle client's thread to two stack pages.
+    #[inline(never)]
     fn run(mut self, leftover: Vec<u8>) {
         let peer = self.peer;
         // From here on, reads wait for the client as long as keepalive allows, and a
