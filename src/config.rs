@@ -184,7 +184,7 @@ impl ServerConfig {
     }
 }
 
-/// How the command-line client connects and how long it waits for a close.
+/// How the command-line client connects, confirms and reconnects.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
@@ -194,6 +194,18 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long to wait for the server's close after sending ours. Default 5 s.
     pub close_timeout: Duration,
+    /// In a pipe, wait at the end of input until every line sent has come back from the
+    /// server, so that success means it was broadcast. Default `true`. Turn it off for
+    /// servers that do not echo a message to its sender.
+    pub confirm: bool,
+    /// How long to wait for those confirmations. Default 5 s.
+    pub wait: Duration,
+    /// At a terminal, reconnect by itself when the connection drops (1, 2, 4 … 30 s
+    /// apart) and send what was typed meanwhile. Default `true`.
+    pub reconnect: bool,
+    /// Colour the senders' tags (and mark our own). Default `false`; the command line
+    /// turns it on at a terminal unless `NO_COLOR` is set.
+    pub color: bool,
 }
 
 impl Default for ClientConfig {
@@ -202,6 +214,10 @@ impl Default for ClientConfig {
             url: "ws://127.0.0.1:8080".to_string(),
             connect_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
+            confirm: true,
+            wait: Duration::from_secs(5),
+            reconnect: true,
+            color: false,
         }
     }
 }
@@ -222,6 +238,30 @@ impl ClientConfig {
     /// Set [`Self::close_timeout`].
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// Set [`Self::confirm`].
+    pub fn confirm(mut self, confirm: bool) -> Self {
+        self.confirm = confirm;
+        self
+    }
+
+    /// Set [`Self::wait`].
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Set [`Self::reconnect`].
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Set [`Self::color`].
+    pub fn color(mut self, color: bool) -> Self {
+        self.color = color;
         self
     }
 }

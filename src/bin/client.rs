@@ -1,10 +1,11 @@
 //! `client`: send each line typed on stdin to a chat server, print every message received.
 
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, IsTerminal};
 use std::process::ExitCode;
 
+use broadcast_chat::Error;
 use broadcast_chat::cli::ClientArgs;
-use broadcast_chat::client::{self, Ending};
+use broadcast_chat::client::{self, Console, Ending};
 use log::LevelFilter;
 
 fn main() -> ExitCode {
@@ -38,20 +39,35 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let config = args.config();
-    let input = BufReader::new(io::stdin());
-    match client::run(&config, input, io::stdout(), &interrupt) {
-        Ok(ending @ Ending::OutputClosed) => {
-            log::debug!("{ending}");
-            ExitCode::SUCCESS
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let config = args.config(io::stdout().is_terminal(), no_color);
+    let console = if client::is_interactive() {
+        Console::Terminal
+    } else {
+        Console::Pipe(Box::new(BufReader::new(io::stdin())))
+    };
+    match client::run(&config, console, &interrupt) {
+        Ok(outcome) => {
+            match &outcome.ending {
+                Ending::OutputClosed => log::debug!("{}", outcome.ending),
+                ending if ending.is_clean() => log::info!("{ending}"),
+                ending => eprintln!("client: {ending}"),
+            }
+            if outcome.unconfirmed > 0 {
+                eprintln!(
+                    "client: {} of {} line(s) were not confirmed: they did not come back from \
+                     the server within {} s (raise --wait, or --no-confirm for a server that \
+                     does not echo)",
+                    outcome.unconfirmed,
+                    outcome.sent,
+                    config.wait.as_secs()
+                );
+            }
+            ExitCode::from(outcome.exit_status())
         }
-        Ok(ending) if ending.is_clean() => {
-            log::info!("{ending}");
-            ExitCode::SUCCESS
-        }
-        Ok(ending) => {
-            eprintln!("client: {ending}");
-            ExitCode::from(3)
+        Err(e @ Error::Url { .. }) => {
+            eprintln!("client: {e}");
+            ExitCode::from(2)
         }
         Err(e) => {
             eprintln!("client: {e}");

@@ -26,7 +26,9 @@ pub struct ServerArgs {
         long,
         value_name = "ADDR",
         default_value = "127.0.0.1:8080",
-        help = "Address to listen on, IPv4 or IPv6 ([::1]:8080); port 0 picks a free port"
+        value_parser = bind_address,
+        help = "Address to listen on: IP:PORT, IPv4 or IPv6 ([::1]:8080), or localhost:PORT; \
+                port 0 picks a free port"
     )]
     bind: SocketAddr,
 
@@ -116,6 +118,22 @@ enum Level {
     Info,
     Debug,
     Trace,
+}
+
+/// `IP:PORT`, or `localhost:PORT` (taken as 127.0.0.1).
+fn bind_address(value: &str) -> Result<SocketAddr, String> {
+    const EXPECTED: &str =
+        "expected IP:PORT, as in 127.0.0.1:8080 or [::1]:8080, or localhost:PORT";
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    match value.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => port
+            .parse::<u16>()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| format!("{port:?} is not a port; {EXPECTED}")),
+        _ => Err(EXPECTED.to_string()),
+    }
 }
 
 fn origin(value: &str) -> Result<String, String> {

@@ -207,7 +207,44 @@ proptest! {
         }
         let client = std::iter::once("client").chain(args.iter().copied());
         if let Ok(parsed) = ClientArgs::try_parse_from(client) {
-            let _ = parsed.config();
+            let _ = parsed.config(true, false);
         }
+    }
+}
+
+#[test]
+fn the_client_colours_by_the_conventions() {
+    let parse = |args: &[&str]| {
+        ClientArgs::try_parse_from(std::iter::once("client").chain(args.iter().copied()))
+            .expect("valid")
+    };
+    assert!(parse(&[]).config(true, false).color, "auto at a terminal");
+    assert!(
+        !parse(&[]).config(false, false).color,
+        "auto, not a terminal"
+    );
+    assert!(!parse(&[]).config(true, true).color, "auto with NO_COLOR");
+    assert!(parse(&["--color", "always"]).config(false, true).color);
+    assert!(!parse(&["--color", "NEVER"]).config(true, false).color);
+    let config = parse(&["--wait", "9", "--no-confirm", "--no-reconnect"]).config(true, false);
+    assert_eq!(config.wait, Duration::from_secs(9));
+    assert!(!config.confirm && !config.reconnect);
+}
+
+#[test]
+fn bind_takes_ip_port_or_localhost_and_says_what_it_expects() {
+    let bind = |value: &str| parse_server(&["--bind", value]).map(|a| a.config().bind);
+    assert_eq!(
+        bind("localhost:9000").expect("localhost"),
+        "127.0.0.1:9000".parse().expect("ip")
+    );
+    assert_eq!(bind("[::1]:0").expect("v6"), "[::1]:0".parse().expect("ip"));
+    for bad in ["nowhere", "localhost:http", "8080", "example.com:80"] {
+        let e = bind(bad).expect_err(bad);
+        assert!(
+            one_line(&e).contains("expected IP:PORT"),
+            "{}",
+            one_line(&e)
+        );
     }
 }

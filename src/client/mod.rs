@@ -1,31 +1,60 @@
-//! The command-line client: send each input line, print each message received.
+//! The command-line client: send each input line, show each message received.
 //!
-//! One thread reads the input and sends, one reads the socket and prints, and the calling
-//! thread waits for either to finish, then closes the connection properly. Both threads
-//! share one socket (one file descriptor); a lock around each whole frame keeps the sender's
-//! messages and the reader's automatic replies (pongs, the answer to a close) from
-//! interleaving.
+//! Two threads and the caller's: the input thread reads lines (a line editor at a
+//! terminal, [`terminal`]; plain lines from a pipe, [`console`]); the socket-reader thread
+//! shows messages ([`link`]); the calling thread runs the session below. It sends the
+//! lines, notices a lost connection and, at a terminal, reconnects with backoff, keeping
+//! what was typed meanwhile; at the end it waits, in a pipe, until every line sent has come
+//! back from the server ([`confirm`]), then closes properly.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, BufRead, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, select};
-use log::{debug, info};
-use parking_lot::Mutex;
-use tungstenite::handshake::HandshakeError;
-use tungstenite::handshake::client::ClientHandshake;
-use tungstenite::http::Uri;
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
-use tungstenite::{Error as WsError, Message};
+use crossbeam_channel::{Receiver, after, at, never, select};
 
+use self::confirm::Confirm;
+use self::console::{Input, PipeSink, Sink};
+use self::link::Link;
+use self::url::Target;
 use crate::config::ClientConfig;
-use crate::error::{Error, Result, is_disconnect};
+use crate::error::Result;
 use crate::message::printable;
+
+mod confirm;
+mod console;
+mod link;
+mod terminal;
+mod url;
+
+pub use self::terminal::is_interactive;
+
+/// How often the session looks whether a pipe's reader has gone.
+const TICK: Duration = Duration::from_millis(200);
+/// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Lines kept while the connection is down; more are not sent, and the user is told.
+const OUTBOX: usize = 1000;
+
+/// Where lines come from and messages go.
+pub enum Console {
+    /// A person at a terminal: a line editor, messages above the prompt, reconnection.
+    Terminal,
+    /// A script: lines from this input, one message per line on stdout, status on stderr.
+    Pipe(Box<dyn BufRead + Send>),
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Console::Terminal => "Terminal",
+            Console::Pipe(_) => "Pipe",
+        })
+    }
+}
 
 /// How a client run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,15 +70,29 @@ pub enum Ending {
     Lost(String),
     /// The output was closed (a pipe whose reader left); nothing more could be shown.
     OutputClosed,
+    /// A second Ctrl-C while waiting for the server: the user did not want to wait.
+    Abandoned,
 }
 
 impl Ending {
-    /// Whether this is a normal end: a close with 1000 or 1001, or a closed output.
+    /// Whether this is a normal end: a close with 1000 or 1001 or without a code (the
+    /// peer's way of saying nothing went wrong), or a closed output.
     pub fn is_clean(&self) -> bool {
         match self {
             Ending::Closed { code, .. } => matches!(code, Some(1000 | 1001) | None),
-            Ending::Lost(_) => false,
             Ending::OutputClosed => true,
+            Ending::Lost(_) | Ending::Abandoned => false,
+        }
+    }
+
+    /// Whether a person at a terminal would want the client to connect again: the
+    /// connection dropped, or the server went away or restarts (1001, 1011, 1012, 1013),
+    /// but not when the server closed it on purpose.
+    fn calls_for_reconnect(&self) -> bool {
+        match self {
+            Ending::Lost(_) => true,
+            Ending::Closed { code, .. } => matches!(code, Some(1001 | 1011 | 1012 | 1013)),
+            Ending::OutputClosed | Ending::Abandoned => false,
         }
     }
 }
@@ -60,334 +103,321 @@ impl fmt::Display for Ending {
             Ending::Closed {
                 code: Some(code),
                 reason,
-            } if reason.is_empty() => {
-                write!(f, "connection closed ({code})")
-            }
+            } if reason.is_empty() => write!(f, "connection closed ({code})"),
             Ending::Closed {
                 code: Some(code),
                 reason,
-            } => {
-                write!(f, "connection closed ({code}: {})", printable(reason))
-            }
+            } => write!(f, "connection closed ({code}: {})", printable(reason)),
             Ending::Closed { code: None, .. } => f.write_str("connection closed"),
             Ending::Lost(why) => write!(f, "connection lost: {why}"),
             Ending::OutputClosed => f.write_str("output closed"),
+            Ending::Abandoned => f.write_str("interrupted again; not waiting for the server"),
         }
     }
 }
 
-/// Connect, then send every non-empty line of `input` and write every text message to
-/// `output`, one per line, until the input ends, `interrupt` fires, or the server closes.
+/// What a client run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// How it ended.
+    pub ending: Ending,
+    /// Lines sent.
+    pub sent: usize,
+    /// Lines sent that never came back from the server (in a pipe, with confirmation on),
+    /// or that could not be sent at all.
+    pub unconfirmed: usize,
+}
+
+impl Outcome {
+    /// The exit status the README documents: 0 when all went well, 3 when the connection
+    /// was lost or closed with an error, 4 when lines were not confirmed, 130 when a second
+    /// Ctrl-C cut the wait short.
+    pub fn exit_status(&self) -> u8 {
+        match &self.ending {
+            Ending::Abandoned => 130,
+            ending if !ending.is_clean() => 3,
+            _ if self.unconfirmed > 0 => 4,
+            _ => 0,
+        }
+    }
+}
+
+/// Connect, then send every line of the input and show every message, until the input
+/// ends, `interrupt` fires, or the server closes.
 ///
-/// When the input ends or `interrupt` fires, the client sends a close (1000) and keeps
-/// printing until the server's close arrives, at most `config.close_timeout`. The input
-/// thread is not joined: it may be blocked reading a terminal, and it ends by itself at its
-/// next line or end of input.
+/// At the end of input or on Ctrl-C, the client waits (in a pipe) for its lines to come
+/// back, at most `config.wait`, then sends a close (1000) and waits for the server's, at
+/// most `config.close_timeout`. A second Ctrl-C stops waiting. The input thread is not
+/// joined: it may be blocked reading a terminal, and ends with the process.
 ///
 /// # Errors
-/// [`Error::Url`], [`Error::Connect`] or [`Error::Handshake`] when no connection could be
-/// made, with a message saying what to check.
-pub fn run(
-    config: &ClientConfig,
-    input: impl BufRead + Send + 'static,
-    output: impl Write + Send + 'static,
-    interrupt: &Receiver<()>,
-) -> Result<Ending> {
-    let (reader, stream) = connect(config)?;
-    info!(
-        "connected to {}; type a message and press Enter, Ctrl-D to quit",
-        config.url
-    );
-    let sent_close = Arc::new(AtomicBool::new(false));
-    let writer = Arc::new(Mutex::new(WebSocket::from_raw_socket(
-        stream.clone(),
-        Role::Client,
-        Some(ws_config()),
-    )));
-
-    let (ended_tx, ended) = crossbeam_channel::bounded(1);
-    let closing = Arc::clone(&sent_close);
-    let reader = thread::Builder::new()
-        .name("socket reader".into())
-        .spawn(move || {
-            let _ = ended_tx.send(print_messages(reader, output, &closing));
-        })
-        .map_err(|source| Error::Spawn {
-            what: "socket reader",
-            source,
-        })?;
-
-    let (eof_tx, input_done) = crossbeam_channel::bounded(1);
-    let sender = Arc::clone(&writer);
-    thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            send_lines(input, &sender);
-            let _ = eof_tx.send(());
-        })
-        .map_err(|source| Error::Spawn {
-            what: "stdin",
-            source,
-        })?;
-
-    let ending = select! {
-        recv(ended) -> ending => ending.ok(),
-        recv(input_done) -> _ => None,
-        recv(interrupt) -> _ => None,
+/// [`Error::Url`](crate::Error::Url) for a URL that cannot be used,
+/// [`Error::Connect`](crate::Error::Connect) or [`Error::Handshake`](crate::Error::Handshake)
+/// when no connection could be made, each saying what to check.
+pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) -> Result<Outcome> {
+    let target = Target::parse(&config.url)?;
+    let (lines_tx, lines) = crossbeam_channel::bounded(64);
+    let interactive = matches!(console, Console::Terminal);
+    // Declared first, dropped last: the terminal is put back as the run ends.
+    let mut _restore = None;
+    let (sink, source): (Arc<dyn Sink>, Source) = match console {
+        Console::Terminal => {
+            let (sink, editor, restore) = terminal::open(config.color)?;
+            _restore = Some(restore);
+            (Arc::from(sink), Source::Editor(editor))
+        }
+        Console::Pipe(input) => {
+            let sink = PipeSink::new(Box::new(io::stdout()), config.color);
+            (Arc::new(sink), Source::Pipe(input))
+        }
     };
-    let ending = match ending {
-        Some(ending) => ending,
-        None => {
-            sent_close.store(true, Ordering::Release);
-            let close = CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            };
-            if let Err(e) = writer.lock().close(Some(close)) {
-                debug!("sending the close failed: {e}");
+    let confirm = Arc::new(Confirm::new());
+    let link = Link::open(config, &target, Arc::clone(&sink), Arc::clone(&confirm))?;
+    sink.status(&if interactive {
+        format!(
+            "connected to {}; type a message and press Enter, Ctrl-D to quit",
+            target.url
+        )
+    } else {
+        format!("connected to {}", target.url)
+    });
+    match source {
+        Source::Editor(editor) => terminal::start(editor, lines_tx)?,
+        Source::Pipe(input) => console::read_lines(input, lines_tx)?,
+    }
+    let mut session = Session {
+        config,
+        target,
+        sink,
+        confirm,
+        link: Some(link),
+        outbox: VecDeque::new(),
+        sent: 0,
+        interactive,
+        input_open: true,
+        retry: None,
+        backoff: FIRST_BACKOFF,
+    };
+    let stop = session.chat(&lines, interrupt);
+    Ok(session.finish(stop, &lines, interrupt))
+}
+
+/// Where lines will come from, once connected.
+enum Source {
+    Editor(rustyline::DefaultEditor),
+    Pipe(Box<dyn BufRead + Send>),
+}
+
+/// Why the conversation stopped.
+enum Stop {
+    /// The input ended, or Ctrl-C: close properly.
+    Done,
+    /// The connection ended, for good.
+    Ended(Ending),
+}
+
+struct Session<'a> {
+    config: &'a ClientConfig,
+    target: Target,
+    sink: Arc<dyn Sink>,
+    confirm: Arc<Confirm>,
+    /// The connection, while there is one.
+    link: Option<Link>,
+    /// Lines typed while there was no connection, to send once there is.
+    outbox: VecDeque<String>,
+    sent: usize,
+    interactive: bool,
+    /// The input thread has not ended.
+    input_open: bool,
+    /// When to try to reconnect, while disconnected.
+    retry: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Session<'_> {
+    fn chat(&mut self, lines: &Receiver<Input>, interrupt: &Receiver<()>) -> Stop {
+        loop {
+            let ended = self.link.as_ref().map_or_else(never, |l| l.ended.clone());
+            let retry = self.retry.map_or_else(never, at);
+            select! {
+                recv(lines) -> input => match input {
+                    Ok(Input::Line(text)) => self.send(text),
+                    Ok(Input::End | Input::Interrupted) | Err(_) => {
+                        self.input_open = false;
+                        return Stop::Done;
+                    }
+                },
+                recv(ended) -> ending => {
+                    let ending = ending.unwrap_or(Ending::Lost("the reader ended".into()));
+                    if let Some(stop) = self.lost(ending) {
+                        return stop;
+                    }
+                }
+                recv(retry) -> _ => self.reconnect(),
+                recv(interrupt) -> _ => return Stop::Done,
+                default(TICK) => {
+                    if !self.interactive && console::is_gone(&io::stdout()) {
+                        return Stop::Ended(Ending::OutputClosed);
+                    }
+                }
             }
-            match ended.recv_timeout(config.close_timeout) {
-                Ok(ending) => ending,
-                Err(_) => Ending::Lost(format!(
-                    "the server did not answer our close within {} s",
-                    config.close_timeout.as_secs_f32()
-                )),
-            }
-        }
-    };
-    stream.shutdown();
-    if reader.join().is_err() {
-        return Err(Error::Panicked {
-            what: "socket reader",
-        });
-    }
-    Ok(ending)
-}
-
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(0)
-}
-
-/// Open the TCP connection and do the handshake, each under the connect timeout.
-fn connect(config: &ClientConfig) -> Result<(WebSocket<Shared>, Shared)> {
-    let url = config.url.as_str();
-    let target = Target::parse(url)?;
-    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
-        .to_socket_addrs()
-        .map_err(|source| Error::Connect {
-            url: url.to_string(),
-            source,
-        })?
-        .collect();
-    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
-    let mut connected = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, config.connect_timeout) {
-            Ok(stream) => {
-                connected = Some(stream);
-                break;
-            }
-            Err(e) => last_error = e,
         }
     }
-    let stream = connected.ok_or_else(|| Error::Connect {
-        url: url.to_string(),
-        source: last_error,
-    })?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(config.connect_timeout))?;
-    stream.set_write_timeout(Some(config.connect_timeout))?;
-    let shared = Shared {
-        stream: Arc::new(stream),
-        write_lock: Arc::new(Mutex::new(())),
-    };
-    let (ws, _response) =
-        tungstenite::client::client_with_config(url, shared.clone(), Some(ws_config()))
-            .map_err(|e| handshake_error(url, e))?;
-    shared.stream.set_read_timeout(None)?;
-    shared.stream.set_write_timeout(None)?;
-    Ok((ws, shared))
-}
 
-fn handshake_error(url: &str, error: HandshakeError<ClientHandshake<Shared>>) -> Error {
-    let reason = match error {
-        HandshakeError::Interrupted(_) => "the handshake was interrupted".to_string(),
-        HandshakeError::Failure(WsError::Http(response)) => {
-            let status = response.status();
-            let body = response.body().as_deref().unwrap_or_default();
-            let detail = refusal_detail(status.as_str(), &String::from_utf8_lossy(body));
-            format!("the server refused the WebSocket handshake: HTTP {status}{detail}")
-        }
-        HandshakeError::Failure(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-            "the server did not answer the handshake in time".to_string()
-        }
-        HandshakeError::Failure(e) => format!("the WebSocket handshake failed: {e}"),
-    };
-    Error::Handshake {
-        url: url.to_string(),
-        reason,
-    }
-}
-
-/// What a refusal's body adds to its status line, as one short printable line: the body's
-/// first line, without the status it may repeat, escaped and cut to 160 characters.
-fn refusal_detail(status: &str, body: &str) -> String {
-    const LONGEST: usize = 160;
-    let line = body.trim().lines().next().unwrap_or("").trim();
-    let line = match line.strip_prefix(status) {
-        Some(rest) => rest.split_once(": ").map_or(rest, |(_, detail)| detail),
-        None => line,
-    };
-    let line = printable(line.trim());
-    match line.char_indices().nth(LONGEST) {
-        _ if line.is_empty() => String::new(),
-        Some((cut, _)) => format!(": {}…", &line[..cut]),
-        None => format!(": {line}"),
-    }
-}
-
-/// Where a `ws://` URL points.
-struct Target {
-    host: String,
-    port: u16,
-}
-
-impl Target {
-    fn parse(url: &str) -> Result<Target> {
-        let bad = |reason: &str| Error::Url {
-            url: url.to_string(),
-            reason: reason.to_string(),
+    fn send(&mut self, text: String) {
+        let Some(link) = &self.link else {
+            self.keep(text);
+            return;
         };
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| bad("not a URL; expected ws://HOST:PORT"))?;
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") => return Err(bad("wss:// (TLS) is not supported; use ws://")),
-            _ => return Err(bad("the scheme must be ws://, as in ws://127.0.0.1:8080")),
+        // Counted first, so that its echo cannot come back before it is expected.
+        self.confirm.sent(&text);
+        match link.send(&text) {
+            Ok(()) => self.sent += 1,
+            Err(_) => self.keep(text),
         }
-        let host = uri
-            .host()
-            .ok_or_else(|| bad("no host; expected ws://HOST:PORT"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        Ok(Target {
-            host,
-            port: uri.port_u16().unwrap_or(80),
-        })
     }
-}
 
-/// The input thread: send each non-empty line as a text message until the input ends or
-/// the connection fails.
-fn send_lines(mut input: impl BufRead, writer: &Mutex<WebSocket<Shared>>) {
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match input.read_until(b'\n', &mut line) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("cannot read the input: {e}");
-                return;
-            }
-        }
-        let text = match std::str::from_utf8(&line) {
-            Ok(text) => text.trim_end_matches(['\n', '\r']),
-            Err(_) => {
-                eprintln!("skipped a line that is not valid UTF-8");
-                continue;
-            }
-        };
-        if text.is_empty() {
-            continue;
-        }
-        if let Err(e) = writer.lock().send(Message::text(text)) {
-            debug!("sending failed: {e}");
+    /// Keep a line for after the reconnect.
+    fn keep(&mut self, text: String) {
+        if self.outbox.len() >= OUTBOX {
+            self.sink.status(&format!(
+                "not connected and {OUTBOX} lines are waiting already; this one was not kept"
+            ));
             return;
         }
+        if self.outbox.is_empty() {
+            self.sink
+                .status("not connected; what you type is sent once the connection is back");
+        }
+        self.outbox.push_back(text);
     }
-}
 
-/// The socket thread: print every text message until a close frame or the end.
-fn print_messages(
-    mut ws: WebSocket<Shared>,
-    mut output: impl Write,
-    sent_close: &AtomicBool,
-) -> Ending {
-    loop {
-        match ws.read() {
-            Ok(Message::Text(text)) => {
-                let line = printable(&text);
-                if let Err(e) = writeln!(output, "{line}").and_then(|()| output.flush()) {
-                    return if e.kind() == io::ErrorKind::BrokenPipe {
-                        Ending::OutputClosed
-                    } else {
-                        Ending::Lost(format!("cannot write the output: {e}"))
-                    };
+    /// The connection ended: reconnect later if that is what a person would want, or stop.
+    fn lost(&mut self, ending: Ending) -> Option<Stop> {
+        self.link = None;
+        if !(self.interactive && self.config.reconnect && ending.calls_for_reconnect()) {
+            return Some(Stop::Ended(ending));
+        }
+        let unsure = self.confirm.unconfirmed();
+        if unsure > 0 {
+            self.sink.status(&format!(
+                "{unsure} line(s) you sent just before may not have reached the room"
+            ));
+        }
+        self.sink.status(&format!(
+            "{ending}; reconnecting in {} s",
+            self.backoff.as_secs()
+        ));
+        self.retry = Some(Instant::now() + self.backoff);
+        None
+    }
+
+    fn reconnect(&mut self) {
+        let opened = Link::open(
+            self.config,
+            &self.target,
+            Arc::clone(&self.sink),
+            Arc::clone(&self.confirm),
+        );
+        match opened {
+            Ok(link) => {
+                self.link = Some(link);
+                self.retry = None;
+                self.backoff = FIRST_BACKOFF;
+                self.sink
+                    .status(&format!("reconnected to {}", self.target.url));
+                let waiting = std::mem::take(&mut self.outbox);
+                let count = waiting.len();
+                for text in waiting {
+                    self.send(text);
+                }
+                if count > 0 && self.link.is_some() {
+                    self.sink
+                        .status(&format!("sent the {count} line(s) typed meanwhile"));
                 }
             }
-            Ok(Message::Binary(data)) => {
-                eprintln!("(ignored a binary message of {} bytes)", data.len());
+            Err(e) => {
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.sink
+                    .status(&format!("{e}; next try in {} s", self.backoff.as_secs()));
+                self.retry = Some(Instant::now() + self.backoff);
             }
-            Ok(Message::Close(frame)) => {
-                if !sent_close.load(Ordering::Acquire) {
-                    // The server closed first: send the reply tungstenite has queued.
-                    let _ = ws.flush();
-                }
-                return match frame {
-                    Some(f) => Ending::Closed {
-                        code: Some(f.code.into()),
-                        reason: f.reason.to_string(),
-                    },
-                    None => Ending::Closed {
-                        code: None,
-                        reason: String::new(),
-                    },
-                };
-            }
-            Ok(_) => {}
-            Err(WsError::Io(e)) if is_disconnect(&e) => return Ending::Lost(e.to_string()),
-            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                return Ending::Lost("the server closed the connection".to_string());
-            }
-            Err(e) => return Ending::Lost(e.to_string()),
         }
     }
-}
 
-/// One TCP connection shared by the two threads: reads go straight to the socket; each
-/// write (tungstenite writes whole frames) holds the lock until all of it is sent.
-#[derive(Debug, Clone)]
-struct Shared {
-    stream: Arc<TcpStream>,
-    write_lock: Arc<Mutex<()>>,
-}
-
-impl Shared {
-    fn shutdown(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+    /// Wind down: confirm (in a pipe), close, and wait for the server's answer.
+    fn finish(mut self, stop: Stop, lines: &Receiver<Input>, interrupt: &Receiver<()>) -> Outcome {
+        let ending = match (stop, self.link.take()) {
+            (Stop::Ended(ending), link) => {
+                if let Some(link) = &link {
+                    // The output went away: still say goodbye to the server.
+                    link.close();
+                }
+                ending
+            }
+            (Stop::Done, None) => {
+                let unsent = self.outbox.len();
+                if unsent > 0 {
+                    self.sink.status(&format!(
+                        "{unsent} line(s) typed while disconnected were not sent"
+                    ));
+                }
+                Ending::Lost("not connected".to_string())
+            }
+            (Stop::Done, Some(link)) => self.close(&link, lines, interrupt),
+        };
+        let unconfirmed = if !self.interactive && self.config.confirm {
+            self.confirm.unconfirmed()
+        } else {
+            0
+        } + self.outbox.len();
+        Outcome {
+            ending,
+            sent: self.sent,
+            unconfirmed,
+        }
     }
-}
 
-impl Read for Shared {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.stream).read(buf)
-    }
-}
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _guard = self.write_lock.lock();
-        (&*self.stream).write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    fn close(&mut self, link: &Link, lines: &Receiver<Input>, interrupt: &Receiver<()>) -> Ending {
+        let mut lines = if self.input_open {
+            lines.clone()
+        } else {
+            never()
+        };
+        if !self.interactive && self.config.confirm {
+            let deadline = Instant::now() + self.config.wait;
+            while self.confirm.unconfirmed() > 0 {
+                select! {
+                    recv(self.confirm.changed()) -> _ => {}
+                    recv(link.ended) -> ending => {
+                        return ending.unwrap_or(Ending::Lost("the reader ended".into()));
+                    }
+                    recv(interrupt) -> _ => return Ending::Abandoned,
+                    recv(at(deadline)) -> _ => break,
+                }
+            }
+        }
+        link.close();
+        let waited = self.config.close_timeout;
+        let timeout = after(waited);
+        loop {
+            select! {
+                recv(link.ended) -> ending => {
+                    return ending.unwrap_or(Ending::Lost("the reader ended".into()));
+                }
+                recv(interrupt) -> _ => return Ending::Abandoned,
+                recv(lines) -> input => match input {
+                    Ok(Input::Interrupted) => return Ending::Abandoned,
+                    Ok(Input::Line(_)) => {}
+                    Ok(Input::End) | Err(_) => lines = never(),
+                },
+                recv(timeout) -> _ => {
+                    return Ending::Lost(format!(
+                        "the server did not answer our close within {} s",
+                        waited.as_secs_f32()
+                    ));
+                }
+            }
+        }
     }
 }

@@ -93,6 +93,11 @@ impl Admission {
         self.clients.load(Ordering::Acquire)
     }
 
+    /// How many clients may be joined at once.
+    pub(crate) fn max_clients(&self) -> usize {
+        self.max_clients
+    }
+
     /// Room for `peer`'s handshake, or why not. When the room is full, the handshake that
     /// has waited longest is cut to make room if it has waited at least a second; its
     /// address is returned for the log.

@@ -22,6 +22,7 @@ use super::handshake::{self, Outcome};
 use super::inbox::{Event, Events};
 use super::later;
 use super::peer::{Peer, PeerOutlet};
+use super::web::Site;
 use crate::config::ServerConfig;
 use crate::error::is_disconnect;
 use crate::message::{self, Frame, printable};
@@ -41,6 +42,8 @@ pub(crate) struct Context {
     pub(crate) config: ServerConfig,
     pub(crate) events: Events<PeerOutlet>,
     pub(crate) admission: Arc<Admission>,
+    /// The chat page, unless it is turned off.
+    pub(crate) site: Option<Site>,
 }
 
 /// The body of a connection thread. `pending` is the connection's room for its handshake,
@@ -49,7 +52,8 @@ pub(crate) struct Context {
 pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
     let config = &context.config;
     let deadline = later(Instant::now(), config.handshake_timeout);
-    match handshake::handshake(&peer.stream, deadline, config.web, &context.admission) {
+    let site = context.site.as_ref();
+    match handshake::handshake(&peer.stream, deadline, site, &context.admission) {
         Ok(Outcome::Upgraded { leftover, slot }) => {
             drop(pending);
             let session = Session {
@@ -132,6 +136,15 @@ impl Session<'_> {
         let answering_ours = peer.is_closing();
         self.joined = false;
         let (close, failed, why) = match end {
+            End::Closed { reply, why } if answering_ours => (
+                Some(reply),
+                false,
+                why.replacen(
+                    "closed by the client",
+                    "closed by the server; the client answered",
+                    1,
+                ),
+            ),
             End::Closed { reply, why } => (Some(reply), false, why),
             End::Failed { close, why } => (Some(close), true, why),
             End::Dropped { why } => (None, false, why),

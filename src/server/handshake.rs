@@ -25,7 +25,7 @@ use tungstenite::handshake::derive_accept_key;
 
 use super::admission::{Admission, Slot};
 use super::origin::Origins;
-use super::web;
+use super::web::Site;
 
 /// The largest request head we read; real browsers send well under 2 KiB.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -54,6 +54,9 @@ pub(crate) enum Reply {
     Upgrade { accept: String, len: usize },
     /// Answer this and end the connection.
     Respond(Response),
+    /// Say whether the server takes clients (`GET /healthz`): for load balancers, and for
+    /// the page, which cannot see why a WebSocket was refused.
+    Health,
 }
 
 /// An HTTP response, with a one-line explanation for the log.
@@ -75,7 +78,7 @@ pub(crate) struct Response {
 pub(crate) fn handshake<'a>(
     stream: &TcpStream,
     deadline: Instant,
-    web_enabled: bool,
+    site: Option<&Site>,
     admission: &'a Admission,
 ) -> io::Result<Outcome<'a>> {
     let mut buf = Vec::with_capacity(1024);
@@ -83,9 +86,10 @@ pub(crate) fn handshake<'a>(
         if read_more(stream, &mut buf, deadline)? == 0 {
             return Ok(Outcome::Vanished);
         }
-        let response = match reply(&buf, web_enabled, &admission.origins) {
+        let response = match reply(&buf, site, &admission.origins) {
             Reply::Incomplete => continue,
             Reply::Respond(response) => response,
+            Reply::Health => health(admission),
             Reply::Upgrade { accept, len } => match admission.join() {
                 Some(slot) => {
                     let head = format!(
@@ -108,7 +112,7 @@ pub(crate) fn handshake<'a>(
 }
 
 /// What to answer to the bytes of a request head received so far.
-pub(crate) fn reply(buf: &[u8], web_enabled: bool, origins: &Origins) -> Reply {
+pub(crate) fn reply(buf: &[u8], site: Option<&Site>, origins: &Origins) -> Reply {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
@@ -117,7 +121,7 @@ pub(crate) fn reply(buf: &[u8], web_enabled: bool, origins: &Origins) -> Reply {
             "request headers are larger than 8 KiB".into(),
         )),
         Ok(httparse::Status::Partial) => Reply::Incomplete,
-        Ok(httparse::Status::Complete(len)) => answer(&request, len, web_enabled, origins),
+        Ok(httparse::Status::Complete(len)) => answer(&request, len, site, origins),
         Err(httparse::Error::TooManyHeaders) => Reply::Respond(Response::error(
             431,
             "too many request headers (limit 32)".into(),
@@ -129,7 +133,7 @@ pub(crate) fn reply(buf: &[u8], web_enabled: bool, origins: &Origins) -> Reply {
 fn answer(
     request: &httparse::Request<'_, '_>,
     len: usize,
-    web_enabled: bool,
+    site: Option<&Site>,
     origins: &Origins,
 ) -> Reply {
     let method = request.method.unwrap_or_default();
@@ -138,16 +142,19 @@ fn answer(
         return Reply::Respond(Response::error(405, "only GET is supported".into()));
     }
     if !wants_upgrade(request) {
+        if path.split('?').next() == Some("/healthz") {
+            return Reply::Health;
+        }
         let shown = path.escape_debug();
-        return Reply::Respond(match web::page(path, web_enabled) {
+        return Reply::Respond(match site.and_then(|site| site.page(path)) {
             Some(page) => Response {
                 status: 200,
                 detail: format!("served {shown}"),
                 content_type: page.content_type,
                 headers: page.headers,
-                body: Cow::Borrowed(page.body),
+                body: Cow::Owned(page.body.into_owned()),
             },
-            None if web_enabled || path != "/" => {
+            None if site.is_some() || path != "/" => {
                 Response::error(404, format!("no page at {shown}"))
             }
             None => Response::error(
@@ -166,6 +173,19 @@ fn answer(
     Reply::Upgrade {
         accept: derive_accept_key(key),
         len,
+    }
+}
+
+/// `200 ok` with the number of clients, or `503` when the chat is full.
+fn health(admission: &Admission) -> Response {
+    let (clients, max) = (admission.clients(), admission.max_clients());
+    if clients < max {
+        Response::text(200, format!("ok: {clients} of {max} clients\n"))
+    } else {
+        Response::error(
+            503,
+            format!("the chat is full ({max} clients); try again later"),
+        )
     }
 }
 
@@ -223,6 +243,17 @@ fn is_valid_key(key: &[u8]) -> bool {
 }
 
 impl Response {
+    /// A plain-text answer.
+    fn text(status: u16, body: String) -> Response {
+        Response {
+            status,
+            detail: body.trim_end().to_string(),
+            content_type: "text/plain; charset=utf-8",
+            headers: "Cache-Control: no-store\r\n",
+            body: Cow::Owned(body.into_bytes()),
+        }
+    }
+
     /// An error `status` with a one-line plain-text explanation.
     fn error(status: u16, detail: String) -> Response {
         let body = format!("{status} {}: {detail}\n", reason(status));

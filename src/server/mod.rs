@@ -26,6 +26,7 @@ use self::connection::Context;
 use self::dispatcher::Dispatcher;
 use self::inbox::Event;
 use self::peer::{Peer, PeerId, PeerOutlet};
+use self::web::Site;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 
@@ -116,6 +117,7 @@ impl Server {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let context = Arc::new(Context {
             admission: Arc::new(Admission::new(&config)),
+            site: Site::new(&config),
             config,
             events,
         });

@@ -324,3 +324,54 @@ fn a_page_from_another_origin_cannot_connect_unless_allowed() {
         stop.store(true, Ordering::Release);
     });
 }
+
+#[test]
+fn the_page_says_when_the_room_is_full_and_counts_a_message_in_bytes() {
+    let Some(chromium) = chromium() else { return };
+    let config = ServerConfig::default().max_clients(1).max_message_size(100);
+    let server = server(config);
+    let addr = server.local_addr();
+    let (occupant, _) = join(addr);
+    let browser = launch(&chromium);
+    let tab = browser.new_tab().expect("tab");
+    tab.navigate_to(&format!("http://{addr}/"))
+        .expect("navigate");
+    wait_for(
+        &tab,
+        "the reason it cannot join",
+        "document.getElementById('status').textContent.includes('the chat is full')",
+    );
+    drop(occupant);
+    wait_for(
+        &tab,
+        "connected once there is room",
+        "document.getElementById('status').dataset.state === 'connected'",
+    );
+    // 60 characters, 120 bytes: over the limit of 100 as the server counts.
+    send_from_page(&tab, &"é".repeat(60));
+    wait_for(
+        &tab,
+        "the note that it is too long",
+        "!document.getElementById('note').hidden && \
+         document.getElementById('note').textContent.includes('120 bytes')",
+    );
+    tab.evaluate("document.getElementById('text').value = ''", false)
+        .expect("clear the box");
+    send_from_page(&tab, "short");
+    wait_for(
+        &tab,
+        "the short one, sent and marked as ours",
+        "document.querySelector('#log li.mine .text')?.textContent === 'short' && \
+         document.getElementById('note').hidden",
+    );
+    assert!(
+        tab.evaluate(
+            "[...document.querySelectorAll('#log li .text')].some(t => t.textContent.includes('é'))",
+            false
+        )
+        .ok()
+        .and_then(|r| r.value)
+            == Some(serde_json::Value::Bool(false)),
+        "the long one was never sent"
+    );
+}

@@ -4,6 +4,7 @@ use std::process::{Command, Output, Stdio};
 
 use broadcast_chat::{ServerConfig, WELCOME};
 
+use crate::fake::{Behaviour, Fake, Seen};
 use crate::support::*;
 
 fn client(url: &str) -> Command {
@@ -103,10 +104,10 @@ fn a_close_with_an_error_code_exits_nonzero_and_says_why() {
     assert!(stderr.contains("1009"), "{stderr}");
 }
 
-/// Run the client against `url` and expect one clear line on stderr and a failure status.
-fn fails_clearly(url: &str, expected: &str) {
+/// Run the client against `url` and expect one clear line on stderr and exit `status`.
+fn fails_clearly(url: &str, status: i32, expected: &str) {
     let output = run_client(url, "");
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(output.status.code(), Some(status), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains(expected), "{stderr}");
@@ -127,22 +128,46 @@ fn a_refused_connection_is_one_clear_line() {
     let url = format!("ws://127.0.0.1:{port}");
     fails_clearly(
         &url,
+        1,
         &format!("cannot connect to {url}: connection refused — is the server running?"),
     );
 }
 
 #[test]
-fn a_bad_url_is_one_clear_line() {
-    fails_clearly("http://127.0.0.1:1", "the scheme must be ws://");
-    fails_clearly("wss://127.0.0.1:1", "not supported");
-    fails_clearly("not a url at all", "cannot use URL");
+fn a_bad_url_is_a_bad_argument_one_clear_line_and_exit_2() {
+    for (url, says) in [
+        ("ftp://127.0.0.1:1", "the scheme must be ws://"),
+        ("wss://127.0.0.1:1", "not supported"),
+        ("not a url at all", "cannot use URL"),
+        ("ws://127.0.0.1:99999", "\"99999\" is not a port"),
+        ("ws://127.0.0.1:abc", "is not a port"),
+        ("ws://127.0.0.1:", "is not a port"),
+    ] {
+        fails_clearly(url, 2, says);
+    }
+}
+
+#[test]
+fn a_url_from_the_browsers_address_bar_works() {
+    let server = default_server();
+    let output = run_client(&format!("http://{}/", server.local_addr()), "hi\n");
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout_lines(&output).iter().any(|l| l.ends_with(": hi")));
 }
 
 #[test]
 fn a_refused_handshake_is_one_clear_line() {
     let server = server(ServerConfig::default().max_clients(1));
     let _occupant = join(server.local_addr());
-    fails_clearly(&format!("ws://{}", server.local_addr()), "HTTP 503");
+    let url = format!("ws://{}", server.local_addr());
+    fails_clearly(
+        &url,
+        1,
+        &format!(
+            "cannot connect to {url}: the server refused the WebSocket handshake: \
+             HTTP 503 Service Unavailable: the chat is full; try again later"
+        ),
+    );
 }
 
 #[test]
@@ -215,4 +240,118 @@ fn no_message_can_forge_a_line_or_reach_the_terminal_raw() {
         "{}",
         printed[2]
     );
+}
+
+/// The client with `args` and `input` on its stdin, against `url`.
+fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
+    let mut command = client(url);
+    command.args(args);
+    let mut proc = Proc::spawn(&mut command);
+    let mut stdin = proc.child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    proc.output()
+}
+
+#[test]
+fn exit_0_in_a_pipe_means_every_line_came_back_from_the_server() {
+    let server = default_server();
+    let input: String = (0..40).map(|i| format!("line {i}\n")).collect();
+    let output = run_client(&format!("ws://{}", server.local_addr()), &input);
+    assert!(output.status.success(), "{output:?}");
+    let echoed: Vec<String> = stdout_lines(&output)
+        .into_iter()
+        .filter_map(|l| l.split_once(": ").map(|(_, text)| text.to_string()))
+        .collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("line {i}")).collect();
+    assert_eq!(echoed, expected);
+}
+
+/// A server that broadcasts through a queue and answers a close at once: a client that
+/// closed as soon as its input ended would lose its own lines.
+#[test]
+fn lines_are_confirmed_before_the_close_even_where_a_close_is_answered_at_once() {
+    let fake = Fake::start(Behaviour {
+        echo: true,
+        echo_delay: ms(300),
+        answer_close: true,
+    });
+    let unconfirmed = run_client_with(&fake.url(), &["--no-confirm"], "one\ntwo\nthree\n");
+    assert!(unconfirmed.status.success(), "{unconfirmed:?}");
+    assert!(
+        stdout_lines(&unconfirmed).len() < 3,
+        "without confirmation, the close overtakes the echoes"
+    );
+    fake.until_gone();
+
+    let output = run_client(&fake.url(), "one\ntwo\nthree\n");
+    assert!(output.status.success(), "{output:?}");
+    let seen = fake.until_gone();
+    let texts = ["one", "two", "three"].map(|t| Seen::Text(t.to_string()));
+    assert_eq!(seen[..3], texts, "every line, then the close");
+    assert_eq!(seen[3..], [Seen::Close(Some(1000))]);
+    let lines = stdout_lines(&output);
+    assert_eq!(lines.len(), 3, "each came back before the close: {lines:?}");
+    assert!(lines[2].ends_with(": three"), "{lines:?}");
+}
+
+#[test]
+fn lines_that_never_come_back_exit_4_unless_confirmation_is_off() {
+    let fake = Fake::start(Behaviour {
+        echo: false,
+        echo_delay: ms(0),
+        answer_close: true,
+    });
+    let output = run_client_with(&fake.url(), &["--wait", "1"], "one\ntwo\n");
+    assert_eq!(output.status.code(), Some(4), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("2 of 2 line(s) were not confirmed") && stderr.contains("--no-confirm"),
+        "{stderr}"
+    );
+    fake.until_gone();
+    let output = run_client_with(&fake.url(), &["--no-confirm"], "one\ntwo\n");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        fake.until_gone(),
+        [
+            Seen::Text("one".into()),
+            Seen::Text("two".into()),
+            Seen::Close(Some(1000))
+        ]
+    );
+}
+
+#[test]
+fn a_second_ctrl_c_stops_waiting_for_a_server_that_never_answers_the_close() {
+    let fake = Fake::start(Behaviour {
+        echo: true,
+        echo_delay: ms(0),
+        answer_close: false,
+    });
+    let mut proc = Proc::spawn(&mut client(&fake.url()));
+    let _stdin = proc.child.stdin.take();
+    let mut stderr = BufReader::new(proc.child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("connected");
+    assert!(line.contains("connected to"), "{line}");
+    proc.signal("INT");
+    let close = fake.seen.recv_timeout(WAIT).expect("the close");
+    assert_eq!(close, Seen::Close(Some(1000)));
+    proc.signal("INT");
+    assert_eq!(proc.wait().code(), Some(130));
+}
+
+#[test]
+fn a_closed_output_is_noticed_at_once_and_the_close_is_still_sent() {
+    let server = ServerProc::start(&[]);
+    let mut proc = Proc::spawn(&mut client(&format!("ws://{}", server.addr)));
+    let _stdin = proc.child.stdin.take();
+    let mut stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
+    let mut welcome = String::new();
+    stdout.read_line(&mut welcome).expect("the welcome");
+    // As `client URL | head -1` does once `head` has its line; nothing else arrives.
+    drop(stdout);
+    assert!(proc.wait().success());
+    server.expect_log("left: closed by the client (1000)");
 }

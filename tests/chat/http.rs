@@ -105,3 +105,48 @@ fn a_websocket_upgrade_works_on_any_path() {
     let (mut ws, _) = tungstenite::client(url, stream).expect("handshake");
     assert_eq!(recv_text(&mut ws), broadcast_chat::WELCOME);
 }
+
+#[test]
+fn the_page_runs_only_its_own_script_and_styles_and_knows_the_size_limit() {
+    let server = server(ServerConfig::default().max_message_size(1234));
+    let addr = server.local_addr();
+    let (_, head, body) = ask(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let csp = head
+        .lines()
+        .find(|l| l.starts_with("Content-Security-Policy:"))
+        .expect("a policy");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("style-src 'self'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert!(
+        !body.contains("<script>") && !body.contains("<style>"),
+        "nothing inline"
+    );
+    assert!(
+        body.contains("data-max-bytes=\"1234\""),
+        "the limit, in bytes"
+    );
+    for (path, kind) in [("/chat.js", "text/javascript"), ("/chat.css", "text/css")] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (status, head, body) = ask(addr, request.as_bytes());
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        assert!(head.contains(&format!("Content-Type: {kind}")), "{head}");
+        assert!(!body.is_empty());
+    }
+}
+
+#[test]
+fn healthz_says_ok_or_that_the_chat_is_full_even_without_the_page() {
+    let server = server(ServerConfig::default().max_clients(1).web(false));
+    let addr = server.local_addr();
+    let health = || ask(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = health();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "ok: 0 of 1 clients\n");
+    let (_occupant, _) = join(addr);
+    let (status, _, body) = health();
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("the chat is full (1 clients)"), "{body}");
+}

@@ -21,5 +21,9 @@ mod lifecycle;
 mod server_cli;
 // The client binary, driven through its stdin.
 mod client_cli;
+// A WebSocket server that behaves unlike ours, for the client's tests.
+mod fake;
+// The interactive client in a real terminal (tmux).
+mod terminal;
 // The chat page in headless Chromium.
 mod browser;

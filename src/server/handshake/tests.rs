@@ -46,7 +46,12 @@ fn each_missing_or_wrong_part_is_refused() {
 
 mod properties {
     use super::*;
+    use crate::config::ServerConfig;
     use proptest::prelude::*;
+
+    fn site(web: bool) -> Option<Site> {
+        Site::new(&ServerConfig::default().web(web))
+    }
 
     /// Check that `bytes` is one well-formed HTTP/1.1 response: a status line with a known
     /// reason, header lines, a blank line, and exactly Content-Length bytes of body.
@@ -157,10 +162,11 @@ mod properties {
             bytes in proptest::collection::vec(any::<u8>(), 0..MAX_HEAD + 100),
             web in any::<bool>(),
         ) {
-            match reply(&bytes, web, &Origins::default()) {
+            match reply(&bytes, site(web).as_ref(), &Origins::default()) {
                 Reply::Incomplete => prop_assert!(bytes.len() < MAX_HEAD),
                 Reply::Respond(response) => assert_well_formed(&response.to_bytes()),
                 Reply::Upgrade { len, .. } => prop_assert!(len <= bytes.len()),
+                Reply::Health => {}
             }
         }
 
@@ -181,10 +187,10 @@ mod properties {
                 request.push_str(&format!("{name}: {value}\r\n"));
             }
             request.push_str("\r\n");
-            match reply(request.as_bytes(), web, &Origins::default()) {
+            match reply(request.as_bytes(), site(web).as_ref(), &Origins::default()) {
                 Reply::Incomplete => prop_assert!(request.len() < MAX_HEAD),
                 Reply::Respond(response) => assert_well_formed(&response.to_bytes()),
-                Reply::Upgrade { .. } => {}
+                Reply::Upgrade { .. } | Reply::Health => {}
             }
         }
 
@@ -193,7 +199,7 @@ mod properties {
             (request, key) in upgrade_request(),
             web in any::<bool>(),
         ) {
-            match reply(request.as_bytes(), web, &Origins::default()) {
+            match reply(request.as_bytes(), site(web).as_ref(), &Origins::default()) {
                 Reply::Upgrade { accept, len } => {
                     prop_assert_eq!(accept, derive_accept_key(key.as_bytes()));
                     prop_assert_eq!(len, request.len());
@@ -208,16 +214,16 @@ mod properties {
             cut in any::<prop::sample::Index>(),
         ) {
             let short = &request.as_bytes()[..cut.index(request.len())];
-            prop_assert!(matches!(reply(short, true, &Origins::default()), Reply::Incomplete));
+            prop_assert!(matches!(reply(short, site(true).as_ref(), &Origins::default()), Reply::Incomplete));
         }
 
         #[test]
         fn a_foreign_origin_is_refused_with_403(
             (request, _key) in upgrade_request(),
-            site in "[a-z]{1,12}\\.example",
+            other in "[a-z]{1,12}\\.example",
         ) {
-            let request = request.replacen("\r\n", &format!("\r\nOrigin: https://{site}\r\n"), 1);
-            match reply(request.as_bytes(), true, &Origins::default()) {
+            let request = request.replacen("\r\n", &format!("\r\nOrigin: https://{other}\r\n"), 1);
+            match reply(request.as_bytes(), site(true).as_ref(), &Origins::default()) {
                 Reply::Respond(response) => {
                     prop_assert_eq!(response.status, 403);
                     assert_well_formed(&response.to_bytes());

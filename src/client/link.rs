@@ -1,0 +1,281 @@
+//! One connection to the server: the TCP socket and handshake, the socket-reader thread,
+//! and sending.
+//!
+//! The reader and the session's sends share one socket (one file descriptor); a lock
+//! around each whole frame keeps the session's messages and the reader's automatic replies
+//! (pongs, the answer to a close) from interleaving.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::Receiver;
+use log::debug;
+use parking_lot::Mutex;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::handshake::client::ClientHandshake;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::{Error as WsError, Message};
+
+use super::Ending;
+use super::confirm::Confirm;
+use super::console::Sink;
+use super::url::Target;
+use crate::config::ClientConfig;
+use crate::error::{Error, Result, is_disconnect};
+use crate::message::{printable, sender_tag};
+
+/// An open connection and its reader thread.
+pub(crate) struct Link {
+    writer: Mutex<WebSocket<Shared>>,
+    shared: Shared,
+    sent_close: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+    /// How the reader ended; it sends once.
+    pub(crate) ended: Receiver<Ending>,
+}
+
+impl Link {
+    /// Connect and start the reader, which shows messages on `sink` and tells `confirm`
+    /// about each (after telling it a new connection has begun).
+    ///
+    /// # Errors
+    /// [`Error::Connect`] or [`Error::Handshake`], saying what to check.
+    pub(crate) fn open(
+        config: &ClientConfig,
+        target: &Target,
+        sink: Arc<dyn Sink>,
+        confirm: Arc<Confirm>,
+    ) -> Result<Link> {
+        let (reader_ws, shared) = connect(config, target)?;
+        let guess = sender_tag(shared.stream.local_addr()?);
+        confirm.reset(guess.clone());
+        let sent_close = Arc::new(AtomicBool::new(false));
+        let (ended_tx, ended) = crossbeam_channel::bounded(1);
+        let closing = Arc::clone(&sent_close);
+        let reader = thread::Builder::new()
+            .name("socket reader".into())
+            .spawn(move || {
+                let ending = read_messages(reader_ws, &*sink, &confirm, &closing);
+                let _ = ended_tx.send(ending);
+            })
+            .map_err(|source| Error::Spawn {
+                what: "socket reader",
+                source,
+            })?;
+        let writer = WebSocket::from_raw_socket(shared.clone(), Role::Client, Some(ws_config()));
+        Ok(Link {
+            writer: Mutex::new(writer),
+            shared,
+            sent_close,
+            reader: Some(reader),
+            ended,
+        })
+    }
+
+    /// Send one text message.
+    ///
+    /// # Errors
+    /// The connection failed; the reader will say how.
+    pub(crate) fn send(&self, text: &str) -> Result<()> {
+        self.writer.lock().send(Message::text(text))?;
+        Ok(())
+    }
+
+    /// Send our close (1000); the reader goes on until the server's answer.
+    pub(crate) fn close(&self) {
+        self.sent_close.store(true, Ordering::Release);
+        let close = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        if let Err(e) = self.writer.lock().close(Some(close)) {
+            debug!("sending the close failed: {e}");
+        }
+    }
+}
+
+impl Drop for Link {
+    /// Cut the socket and join the reader, which ends with it.
+    fn drop(&mut self) {
+        let _ = self.shared.stream.shutdown(Shutdown::Both);
+        if let Some(reader) = self.reader.take()
+            && reader.join().is_err()
+        {
+            eprintln!("client: the socket reader panicked (this is a bug)");
+        }
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+}
+
+/// Open the TCP connection and do the handshake, each under the connect timeout.
+fn connect(config: &ClientConfig, target: &Target) -> Result<(WebSocket<Shared>, Shared)> {
+    let url = config.url.as_str();
+    let connect_error = |source| Error::Connect {
+        url: url.to_string(),
+        source,
+    };
+    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
+        .to_socket_addrs()
+        .map_err(connect_error)?
+        .collect();
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+    let mut connected = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, config.connect_timeout) {
+            Ok(stream) => {
+                connected = Some(stream);
+                break;
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    let stream = connected.ok_or_else(|| connect_error(last_error))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(config.connect_timeout))?;
+    stream.set_write_timeout(Some(config.connect_timeout))?;
+    let shared = Shared {
+        stream: Arc::new(stream),
+        write_lock: Arc::new(Mutex::new(())),
+    };
+    let (ws, _response) = tungstenite::client::client_with_config(
+        target.url.as_str(),
+        shared.clone(),
+        Some(ws_config()),
+    )
+    .map_err(|e| handshake_error(url, e))?;
+    shared.stream.set_read_timeout(None)?;
+    shared.stream.set_write_timeout(None)?;
+    Ok((ws, shared))
+}
+
+fn handshake_error(url: &str, error: HandshakeError<ClientHandshake<Shared>>) -> Error {
+    let reason = match error {
+        HandshakeError::Interrupted(_) => "the handshake was interrupted".to_string(),
+        HandshakeError::Failure(WsError::Http(response)) => {
+            let status = response.status();
+            let body = response.body().as_deref().unwrap_or_default();
+            let detail = refusal_detail(status.as_str(), &String::from_utf8_lossy(body));
+            format!("the server refused the WebSocket handshake: HTTP {status}{detail}")
+        }
+        HandshakeError::Failure(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            "the server did not answer the handshake in time".to_string()
+        }
+        HandshakeError::Failure(e) => format!("the WebSocket handshake failed: {e}"),
+    };
+    Error::Handshake {
+        url: url.to_string(),
+        reason,
+    }
+}
+
+/// What a refusal's body adds to its status line, as one short printable line: the body's
+/// first line, without the status it may repeat, escaped and cut to 160 characters.
+fn refusal_detail(status: &str, body: &str) -> String {
+    const LONGEST: usize = 160;
+    let line = body.trim().lines().next().unwrap_or("").trim();
+    let line = match line.strip_prefix(status) {
+        Some(rest) => rest.split_once(": ").map_or(rest, |(_, detail)| detail),
+        None => line,
+    };
+    let line = printable(line.trim());
+    match line.char_indices().nth(LONGEST) {
+        _ if line.is_empty() => String::new(),
+        Some((cut, _)) => format!(": {}…", &line[..cut]),
+        None => format!(": {line}"),
+    }
+}
+
+/// The socket thread: show every text message until a close frame or the end.
+fn read_messages(
+    mut ws: WebSocket<Shared>,
+    sink: &dyn Sink,
+    confirm: &Confirm,
+    sent_close: &AtomicBool,
+) -> Ending {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                let own = confirm.observe(&text);
+                if let Err(e) = sink.message(&text, own) {
+                    return if e.kind() == io::ErrorKind::BrokenPipe {
+                        Ending::OutputClosed
+                    } else {
+                        Ending::Lost(format!("cannot write the output: {e}"))
+                    };
+                }
+            }
+            Ok(Message::Binary(data)) => {
+                sink.status(&format!("ignored a binary message of {} bytes", data.len()));
+            }
+            Ok(Message::Close(frame)) => {
+                if !sent_close.load(Ordering::Acquire) {
+                    // The server closed first: send the reply tungstenite has queued.
+                    let _ = ws.flush();
+                }
+                return Ending::Closed {
+                    code: frame.as_ref().map(|f| f.code.into()),
+                    reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                };
+            }
+            Ok(_) => {}
+            Err(WsError::Io(e)) if is_disconnect(&e) => return Ending::Lost(e.to_string()),
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                return Ending::Lost("the server closed the connection".to_string());
+            }
+            Err(e) => return Ending::Lost(e.to_string()),
+        }
+    }
+}
+
+/// One TCP connection shared by the two threads: reads go straight to the socket; each
+/// write (tungstenite writes whole frames) holds the lock until all of it is sent.
+#[derive(Debug, Clone)]
+struct Shared {
+    stream: Arc<TcpStream>,
+    write_lock: Arc<Mutex<()>>,
+}
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.stream).read(buf)
+    }
+}
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _guard = self.write_lock.lock();
+        (&*self.stream).write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_one_short_escaped_line_without_the_status_twice() {
+        let detail = refusal_detail("503", "503 Service Unavailable: the chat is full\n");
+        assert_eq!(detail, ": the chat is full");
+        assert_eq!(refusal_detail("404", ""), "");
+        let long = refusal_detail("400", &format!("x\u{1b}[2J{}", "y".repeat(500)));
+        assert!(
+            long.starts_with(": x\\u{1b}[2J") && long.ends_with('…'),
+            "{long}"
+        );
+        assert!(long.chars().count() < 170);
+    }
+}

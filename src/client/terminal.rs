@@ -1,0 +1,146 @@
+//! The client at a terminal: a line editor (rustyline: the usual keys, and the history of
+//! what was typed this session), with incoming messages printed above the line being
+//! typed, which stays whole and in place.
+//!
+//! rustyline's external printer is how the socket-reader thread prints while the input
+//! thread sits in `readline`: it hands the text to the editor, which clears the prompt
+//! line, prints, and redraws the prompt with the draft as it was.
+
+use std::io::{self, IsTerminal};
+use std::thread;
+
+use crossbeam_channel::Sender;
+use log::{debug, log_enabled};
+use nix::sys::termios::{self, SetArg, Termios};
+use parking_lot::Mutex;
+use rustyline::error::ReadlineError;
+use rustyline::{Config, DefaultEditor, ExternalPrinter};
+
+use super::console::{Input, Sink, paint};
+use crate::error::{Error, Result};
+use crate::message::printable;
+
+/// Lines of history kept for recall with the arrow keys.
+const HISTORY: usize = 1000;
+
+/// Messages and status lines printed above the prompt.
+pub(crate) struct TerminalSink<P> {
+    printer: Mutex<P>,
+    color: bool,
+}
+
+impl<P: ExternalPrinter + Send> Sink for TerminalSink<P> {
+    fn message(&self, text: &str, own: bool) -> io::Result<()> {
+        let line = if self.color {
+            paint(text, Some(own))
+        } else if own && let Some((tag, body)) = text.split_once(": ") {
+            printable(&format!("{tag} (you): {body}")).into_owned()
+        } else {
+            printable(text).into_owned()
+        };
+        self.print(line)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn status(&self, line: &str) {
+        if !log_enabled!(log::Level::Info) {
+            return;
+        }
+        let line = if self.color {
+            format!("\x1b[2m* {line}\x1b[0m")
+        } else {
+            format!("* {line}")
+        };
+        let _ = self.print(line);
+    }
+}
+
+impl<P: ExternalPrinter> TerminalSink<P> {
+    /// Print one line. The newline is ours: while the editor is reading, it would add one,
+    /// but before it starts the printer writes straight to the terminal.
+    fn print(&self, mut line: String) -> rustyline::Result<()> {
+        line.push('\n');
+        self.printer.lock().print(line)
+    }
+}
+
+/// The terminal's settings as they were before the editor changed them, put back when
+/// dropped: the process may end while the input thread is still inside `readline`, with
+/// the terminal in raw mode.
+pub(crate) struct Restore(Option<Termios>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0
+            && let Err(e) = termios::tcsetattr(io::stdin(), SetArg::TCSANOW, saved)
+        {
+            debug!("cannot restore the terminal's settings: {e}");
+        }
+    }
+}
+
+/// Set up the line editor; returns where messages are to be shown, the editor (to be
+/// started once connected), and the guard that puts the terminal back.
+///
+/// # Errors
+/// [`Error::Io`] when the terminal cannot be set up.
+pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, DefaultEditor, Restore)> {
+    let restore = Restore(termios::tcgetattr(io::stdin()).ok());
+    let config = Config::builder()
+        .max_history_size(HISTORY)
+        .map_err(terminal_error)?
+        .auto_add_history(true)
+        .build();
+    let mut editor = DefaultEditor::with_config(config).map_err(terminal_error)?;
+    let printer = editor.create_external_printer().map_err(terminal_error)?;
+    let sink = TerminalSink {
+        printer: Mutex::new(printer),
+        color,
+    };
+    Ok((Box::new(sink), editor, restore))
+}
+
+/// Read lines with the editor on a thread of its own, handing them to the session.
+///
+/// # Errors
+/// [`Error::Spawn`] when the thread cannot be started.
+pub(crate) fn start(mut editor: DefaultEditor, lines: Sender<Input>) -> Result<()> {
+    thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || edit_lines(&mut editor, &lines))
+        .map(drop)
+        .map_err(|source| Error::Spawn {
+            what: "stdin",
+            source,
+        })
+}
+
+fn terminal_error(e: ReadlineError) -> Error {
+    Error::Io(io::Error::other(format!("cannot use the terminal: {e}")))
+}
+
+fn edit_lines(editor: &mut DefaultEditor, lines: &Sender<Input>) {
+    loop {
+        let input = match editor.readline("> ") {
+            Ok(line) if line.is_empty() => continue,
+            Ok(line) => Input::Line(line),
+            Err(ReadlineError::Interrupted) => Input::Interrupted,
+            Err(ReadlineError::Eof) => Input::End,
+            Err(e) => {
+                eprintln!("client: cannot read the terminal: {e}");
+                Input::End
+            }
+        };
+        // After Ctrl-C or Ctrl-D the editor lets go of the terminal: what the session says
+        // next starts on a line of its own, and a second Ctrl-C reaches the signal handler.
+        let last = matches!(input, Input::End | Input::Interrupted);
+        if lines.send(input).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Whether the client is talking to a person: both stdin and stdout are terminals.
+pub fn is_interactive() -> bool {
+    io::stdin().is_terminal() && io::stdout().is_terminal()
+}
