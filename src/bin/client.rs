@@ -1,7 +1,8 @@
 //! `client`: send each line typed on stdin to a chat server, print every message received.
 
-use std::io::{self, BufReader, IsTerminal};
+use std::io::{self, BufReader, IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use broadcast_chat::Error;
 use broadcast_chat::cli::ClientArgs;
@@ -31,11 +32,17 @@ fn main() -> ExitCode {
         simplelog::ColorChoice::Never,
     );
 
+    // The first Ctrl-C (or SIGTERM) closes properly; a second one exits at once, whatever
+    // the client is waiting for (a connect, the server's close, a stuck write).
     let (interrupt_tx, interrupt) = crossbeam_channel::bounded(1);
+    let presses = AtomicUsize::new(0);
     if let Err(e) = ctrlc::set_handler(move || {
+        if presses.fetch_add(1, Ordering::Relaxed) > 0 {
+            std::process::exit(130);
+        }
         let _ = interrupt_tx.try_send(());
     }) {
-        eprintln!("client: cannot install the Ctrl-C handler: {e}");
+        say(&format!("cannot install the Ctrl-C handler: {e}"));
         return ExitCode::FAILURE;
     }
 
@@ -51,27 +58,32 @@ fn main() -> ExitCode {
             match &outcome.ending {
                 Ending::OutputClosed => log::debug!("{}", outcome.ending),
                 ending if ending.is_clean() => log::info!("{ending}"),
-                ending => eprintln!("client: {ending}"),
+                ending => say(&ending.to_string()),
             }
             if outcome.unconfirmed > 0 {
-                eprintln!(
-                    "client: {} of {} line(s) were not confirmed: they did not come back from \
-                     the server within {} s (raise --wait, or --no-confirm for a server that \
-                     does not echo)",
+                say(&format!(
+                    "{} of {} line(s) were not confirmed: they did not come back from the \
+                     server within {} s (raise --wait, or --no-confirm for a server that does \
+                     not echo)",
                     outcome.unconfirmed,
                     outcome.sent,
                     config.wait.as_secs()
-                );
+                ));
             }
             ExitCode::from(outcome.exit_status())
         }
         Err(e @ Error::Url { .. }) => {
-            eprintln!("client: {e}");
+            say(&e.to_string());
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("client: {e}");
+            say(&e.to_string());
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line on stderr; a closed stderr (`client 2>&1 | head -1`) is no reason to panic.
+fn say(line: &str) {
+    let _ = writeln!(io::stderr(), "client: {line}");
 }

@@ -1,6 +1,6 @@
 //! `server`: run the broadcast chat server until Ctrl-C or SIGTERM.
 
-use std::io::{self, IsTerminal};
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use broadcast_chat::Server;
@@ -15,7 +15,8 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("server: {e}");
+            // A closed stderr is no reason to panic on the way out.
+            let _ = writeln!(io::stderr(), "server: {e}");
             ExitCode::FAILURE
         }
     }

@@ -24,6 +24,8 @@ pub(crate) enum Input {
     Line(String),
     /// Ctrl-C at the prompt.
     Interrupted,
+    /// A line that could not be sent: not UTF-8, or the input failed.
+    Skipped,
     /// The input ended: Ctrl-D, or the end of the pipe.
     End,
 }
@@ -114,14 +116,19 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                eprintln!("client: cannot read the input: {e}");
+                let _ = writeln!(io::stderr(), "client: cannot read the input: {e}");
+                let _ = lines.send(Input::Skipped);
                 break;
             }
         }
         let text = match std::str::from_utf8(&line) {
             Ok(text) => text.trim_end_matches(['\n', '\r']),
             Err(_) => {
-                eprintln!("client: skipped a line that is not valid UTF-8");
+                let _ = writeln!(
+                    io::stderr(),
+                    "client: skipped a line that is not valid UTF-8"
+                );
+                let _ = lines.send(Input::Skipped);
                 continue;
             }
         };

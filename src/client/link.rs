@@ -10,6 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use log::debug;
@@ -26,7 +27,7 @@ use super::console::Sink;
 use super::url::Target;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result, is_disconnect};
-use crate::message::{printable, sender_tag};
+use crate::message::printable;
 
 /// An open connection and its reader thread.
 pub(crate) struct Link {
@@ -51,8 +52,7 @@ impl Link {
         confirm: Arc<Confirm>,
     ) -> Result<Link> {
         let (reader_ws, shared) = connect(config, target)?;
-        let guess = sender_tag(shared.stream.local_addr()?);
-        confirm.reset(guess.clone());
+        confirm.reset(shared.stream.local_addr()?);
         let sent_close = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended) = crossbeam_channel::bounded(1);
         let closing = Arc::clone(&sent_close);
@@ -99,16 +99,29 @@ impl Link {
 }
 
 impl Drop for Link {
-    /// Cut the socket and join the reader, which ends with it.
+    /// Cut the socket and join the reader, which ends with it: at once, unless it is stuck
+    /// writing to an output nobody reads (`client | sleep 1000`). Such a reader is left
+    /// to end with the process rather than hold the exit forever.
     fn drop(&mut self) {
         let _ = self.shared.stream.shutdown(Shutdown::Both);
-        if let Some(reader) = self.reader.take()
-            && reader.join().is_err()
-        {
-            eprintln!("client: the socket reader panicked (this is a bug)");
+        let Some(reader) = self.reader.take() else {
+            return;
+        };
+        let deadline = Instant::now() + READER_GRACE;
+        while !reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if reader.is_finished() && reader.join().is_err() {
+            let _ = writeln!(
+                io::stderr(),
+                "client: the socket reader panicked (this is a bug)"
+            );
         }
     }
 }
+
+/// How long a closing link waits for its reader to end.
+const READER_GRACE: Duration = Duration::from_secs(1);
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -209,7 +222,7 @@ fn read_messages(
                     return if e.kind() == io::ErrorKind::BrokenPipe {
                         Ending::OutputClosed
                     } else {
-                        Ending::Lost(format!("cannot write the output: {e}"))
+                        Ending::OutputFailed(e.to_string())
                     };
                 }
             }

@@ -13,7 +13,7 @@ use std::io::{self, BufRead};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, after, at, never, select};
+use crossbeam_channel::{Receiver, at, never, select};
 
 use self::confirm::Confirm;
 use self::console::{Input, PipeSink, Sink};
@@ -38,6 +38,17 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Lines kept while the connection is down; more are not sent, and the user is told.
 const OUTBOX: usize = 1000;
+/// How long a pipe's input gets to show it had more to send, once the connection ended.
+const INPUT_GRACE: Duration = Duration::from_millis(100);
+/// A connection up this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(30);
+
+/// `after` from now, or as far ahead as the clock goes.
+fn later(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or(now + Duration::from_secs(86_400))
+}
 
 /// Where lines come from and messages go.
 pub enum Console {
@@ -70,6 +81,8 @@ pub enum Ending {
     Lost(String),
     /// The output was closed (a pipe whose reader left); nothing more could be shown.
     OutputClosed,
+    /// The output failed otherwise; nothing more could be shown.
+    OutputFailed(String),
     /// A second Ctrl-C while waiting for the server: the user did not want to wait.
     Abandoned,
 }
@@ -81,7 +94,7 @@ impl Ending {
         match self {
             Ending::Closed { code, .. } => matches!(code, Some(1000 | 1001) | None),
             Ending::OutputClosed => true,
-            Ending::Lost(_) | Ending::Abandoned => false,
+            Ending::Lost(_) | Ending::OutputFailed(_) | Ending::Abandoned => false,
         }
     }
 
@@ -92,7 +105,7 @@ impl Ending {
         match self {
             Ending::Lost(_) => true,
             Ending::Closed { code, .. } => matches!(code, Some(1001 | 1011 | 1012 | 1013)),
-            Ending::OutputClosed | Ending::Abandoned => false,
+            Ending::OutputClosed | Ending::OutputFailed(_) | Ending::Abandoned => false,
         }
     }
 }
@@ -111,6 +124,7 @@ impl fmt::Display for Ending {
             Ending::Closed { code: None, .. } => f.write_str("connection closed"),
             Ending::Lost(why) => write!(f, "connection lost: {why}"),
             Ending::OutputClosed => f.write_str("output closed"),
+            Ending::OutputFailed(e) => write!(f, "cannot write the output: {e}"),
             Ending::Abandoned => f.write_str("interrupted again; not waiting for the server"),
         }
     }
@@ -157,16 +171,26 @@ impl Outcome {
 pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) -> Result<Outcome> {
     let target = Target::parse(&config.url)?;
     let (lines_tx, lines) = crossbeam_channel::bounded(64);
-    let interactive = matches!(console, Console::Terminal);
     // Declared first, dropped last: the terminal is put back as the run ends.
     let mut _restore = None;
+    let console = match console {
+        Console::Terminal => match terminal::open(config.color) {
+            Ok((sink, editor, restore)) => {
+                _restore = Some(restore);
+                Opened::Editor(Arc::from(sink), Box::new(editor))
+            }
+            Err(e) => {
+                // A terminal the editor cannot drive (TERM=dumb, say): read plain lines.
+                log::debug!("{e}; reading lines as from a pipe");
+                Opened::Pipe(Box::new(io::BufReader::new(io::stdin())))
+            }
+        },
+        Console::Pipe(input) => Opened::Pipe(input),
+    };
+    let interactive = matches!(console, Opened::Editor(..));
     let (sink, source): (Arc<dyn Sink>, Source) = match console {
-        Console::Terminal => {
-            let (sink, editor, restore) = terminal::open(config.color)?;
-            _restore = Some(restore);
-            (Arc::from(sink), Source::Editor(editor))
-        }
-        Console::Pipe(input) => {
+        Opened::Editor(sink, editor) => (sink, Source::Editor(editor)),
+        Opened::Pipe(input) => {
             let sink = PipeSink::new(Box::new(io::stdout()), config.color);
             (Arc::new(sink), Source::Pipe(input))
         }
@@ -182,7 +206,7 @@ pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) ->
         format!("connected to {}", target.url)
     });
     match source {
-        Source::Editor(editor) => terminal::start(editor, lines_tx)?,
+        Source::Editor(editor) => terminal::start(*editor, lines_tx)?,
         Source::Pipe(input) => console::read_lines(input, lines_tx)?,
     }
     let mut session = Session {
@@ -195,16 +219,24 @@ pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) ->
         sent: 0,
         interactive,
         input_open: true,
+        skipped: 0,
         retry: None,
         backoff: FIRST_BACKOFF,
+        up_since: Instant::now(),
     };
     let stop = session.chat(&lines, interrupt);
     Ok(session.finish(stop, &lines, interrupt))
 }
 
+/// The console, set up.
+enum Opened {
+    Editor(Arc<dyn Sink>, Box<terminal::Editor>),
+    Pipe(Box<dyn BufRead + Send>),
+}
+
 /// Where lines will come from, once connected.
 enum Source {
-    Editor(rustyline::DefaultEditor),
+    Editor(Box<terminal::Editor>),
     Pipe(Box<dyn BufRead + Send>),
 }
 
@@ -229,9 +261,13 @@ struct Session<'a> {
     interactive: bool,
     /// The input thread has not ended.
     input_open: bool,
+    /// Input lines that could not be sent (not UTF-8, or the input failed).
+    skipped: usize,
     /// When to try to reconnect, while disconnected.
     retry: Option<Instant>,
     backoff: Duration,
+    /// When the current connection was made.
+    up_since: Instant,
 }
 
 impl Session<'_> {
@@ -242,6 +278,7 @@ impl Session<'_> {
             select! {
                 recv(lines) -> input => match input {
                     Ok(Input::Line(text)) => self.send(text),
+                    Ok(Input::Skipped) => self.skipped += 1,
                     Ok(Input::End | Input::Interrupted) | Err(_) => {
                         self.input_open = false;
                         return Stop::Done;
@@ -271,9 +308,10 @@ impl Session<'_> {
         };
         // Counted first, so that its echo cannot come back before it is expected.
         self.confirm.sent(&text);
-        match link.send(&text) {
-            Ok(()) => self.sent += 1,
-            Err(_) => self.keep(text),
+        self.sent += 1;
+        if link.send(&text).is_err() && self.interactive {
+            // Sent again after the reconnect; in a pipe it stays unconfirmed.
+            self.keep(text);
         }
     }
 
@@ -294,9 +332,15 @@ impl Session<'_> {
 
     /// The connection ended: reconnect later if that is what a person would want, or stop.
     fn lost(&mut self, ending: Ending) -> Option<Stop> {
-        self.link = None;
         if !(self.interactive && self.config.reconnect && ending.calls_for_reconnect()) {
+            // The link stays, so that the close can still be sent if it is up.
             return Some(Stop::Ended(ending));
+        }
+        self.link = None;
+        // A connection that lasted a while starts the backoff afresh; one that failed at
+        // once (a server that accepts and closes) keeps doubling it.
+        if self.up_since.elapsed() >= STABLE {
+            self.backoff = FIRST_BACKOFF;
         }
         let unsure = self.confirm.unconfirmed();
         if unsure > 0 {
@@ -309,6 +353,7 @@ impl Session<'_> {
             self.backoff.as_secs()
         ));
         self.retry = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         None
     }
 
@@ -323,7 +368,7 @@ impl Session<'_> {
             Ok(link) => {
                 self.link = Some(link);
                 self.retry = None;
-                self.backoff = FIRST_BACKOFF;
+                self.up_since = Instant::now();
                 self.sink
                     .status(&format!("reconnected to {}", self.target.url));
                 let waiting = std::mem::take(&mut self.outbox);
@@ -337,10 +382,10 @@ impl Session<'_> {
                 }
             }
             Err(e) => {
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.sink
                     .status(&format!("{e}; next try in {} s", self.backoff.as_secs()));
                 self.retry = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -350,10 +395,10 @@ impl Session<'_> {
         let ending = match (stop, self.link.take()) {
             (Stop::Ended(ending), link) => {
                 if let Some(link) = &link {
-                    // The output went away: still say goodbye to the server.
+                    // The output went away, or the server closed: still say goodbye.
                     link.close();
                 }
-                ending
+                self.cut_short(ending, lines)
             }
             (Stop::Done, None) => {
                 let unsent = self.outbox.len();
@@ -366,15 +411,33 @@ impl Session<'_> {
             }
             (Stop::Done, Some(link)) => self.close(&link, lines, interrupt),
         };
-        let unconfirmed = if !self.interactive && self.config.confirm {
-            self.confirm.unconfirmed()
-        } else {
-            0
-        } + self.outbox.len();
+        let confirming = !self.interactive && self.config.confirm;
+        let unconfirmed = match ending {
+            // Nobody is reading any more: there is no one to report to.
+            Ending::OutputClosed => 0,
+            _ if confirming => self.confirm.unconfirmed(),
+            _ => 0,
+        } + self.outbox.len()
+            + self.skipped;
         Outcome {
             ending,
             sent: self.sent,
             unconfirmed,
+        }
+    }
+
+    /// In a pipe, a connection that ended while more input was ready to send is a failure
+    /// whatever the close said: that input was never sent. An input that has nothing to
+    /// say for a moment (a script that only listens) is not held against the close.
+    fn cut_short(&mut self, ending: Ending, lines: &Receiver<Input>) -> Ending {
+        if self.interactive || !self.input_open || ending == Ending::OutputClosed {
+            return ending;
+        }
+        match lines.recv_timeout(INPUT_GRACE) {
+            Ok(Input::Line(_) | Input::Skipped) => Ending::Lost(format!(
+                "{ending} before the input ended; the rest was not sent"
+            )),
+            Ok(Input::End | Input::Interrupted) | Err(_) => ending,
         }
     }
 
@@ -385,12 +448,16 @@ impl Session<'_> {
             never()
         };
         if !self.interactive && self.config.confirm {
-            let deadline = Instant::now() + self.config.wait;
+            let deadline = later(self.config.wait);
             while self.confirm.unconfirmed() > 0 {
                 select! {
                     recv(self.confirm.changed()) -> _ => {}
                     recv(link.ended) -> ending => {
-                        return ending.unwrap_or(Ending::Lost("the reader ended".into()));
+                        let ending = ending.unwrap_or(Ending::Lost("the reader ended".into()));
+                        if matches!(ending, Ending::OutputClosed | Ending::OutputFailed(_)) {
+                            link.close();
+                        }
+                        return ending;
                     }
                     recv(interrupt) -> _ => return Ending::Abandoned,
                     recv(at(deadline)) -> _ => break,
@@ -399,7 +466,7 @@ impl Session<'_> {
         }
         link.close();
         let waited = self.config.close_timeout;
-        let timeout = after(waited);
+        let timeout = at(later(waited));
         loop {
             select! {
                 recv(link.ended) -> ending => {
@@ -408,7 +475,7 @@ impl Session<'_> {
                 recv(interrupt) -> _ => return Ending::Abandoned,
                 recv(lines) -> input => match input {
                     Ok(Input::Interrupted) => return Ending::Abandoned,
-                    Ok(Input::Line(_)) => {}
+                    Ok(Input::Line(_) | Input::Skipped) => {}
                     Ok(Input::End) | Err(_) => lines = never(),
                 },
                 recv(timeout) -> _ => {

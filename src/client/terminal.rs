@@ -6,7 +6,9 @@
 //! thread sits in `readline`: it hands the text to the editor, which clears the prompt
 //! line, prints, and redraws the prompt with the draft as it was.
 
-use std::io::{self, IsTerminal};
+use std::io::{self, IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use crossbeam_channel::Sender;
@@ -46,6 +48,11 @@ impl<P: ExternalPrinter + Send> Sink for TerminalSink<P> {
         if !log_enabled!(log::Level::Info) {
             return;
         }
+        if !io::stderr().is_terminal() {
+            // Status goes to stderr; above the prompt only when that is this terminal.
+            log::info!("{line}");
+            return;
+        }
         let line = if self.color {
             format!("\x1b[2m* {line}\x1b[0m")
         } else {
@@ -64,14 +71,35 @@ impl<P: ExternalPrinter> TerminalSink<P> {
     }
 }
 
+/// What the editor thread and the guard below share.
+#[derive(Debug, Default)]
+struct Editing {
+    /// The editor is inside `readline`, with the terminal in raw mode.
+    reading: AtomicBool,
+    /// The session is over: do not start reading again.
+    over: AtomicBool,
+}
+
 /// The terminal's settings as they were before the editor changed them, put back when
 /// dropped: the process may end while the input thread is still inside `readline`, with
-/// the terminal in raw mode.
-pub(crate) struct Restore(Option<Termios>);
+/// the terminal in raw mode. Then the line being typed is left as it is, and what comes
+/// next starts on a line of its own.
+pub(crate) struct Restore {
+    saved: Option<Termios>,
+    editing: Arc<Editing>,
+}
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        if let Some(saved) = &self.0
+        self.editing.over.store(true, Ordering::Release);
+        if self.editing.reading.load(Ordering::Acquire) {
+            // A new line, and bracketed paste off again, as the editor would on its way out.
+            let mut stdout = io::stdout();
+            let _ = stdout
+                .write_all(b"\r\n\x1b[?2004l")
+                .and_then(|()| stdout.flush());
+        }
+        if let Some(saved) = &self.saved
             && let Err(e) = termios::tcsetattr(io::stdin(), SetArg::TCSANOW, saved)
         {
             debug!("cannot restore the terminal's settings: {e}");
@@ -79,13 +107,23 @@ impl Drop for Restore {
     }
 }
 
+/// The line editor, set up but not reading yet.
+pub(crate) struct Editor {
+    editor: DefaultEditor,
+    editing: Arc<Editing>,
+}
+
 /// Set up the line editor; returns where messages are to be shown, the editor (to be
 /// started once connected), and the guard that puts the terminal back.
 ///
 /// # Errors
-/// [`Error::Io`] when the terminal cannot be set up.
-pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, DefaultEditor, Restore)> {
-    let restore = Restore(termios::tcgetattr(io::stdin()).ok());
+/// [`Error::Io`] when the terminal cannot be set up (a `TERM=dumb` terminal, say).
+pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, Editor, Restore)> {
+    let editing = Arc::new(Editing::default());
+    let restore = Restore {
+        saved: termios::tcgetattr(io::stdin()).ok(),
+        editing: Arc::clone(&editing),
+    };
     let config = Config::builder()
         .max_history_size(HISTORY)
         .map_err(terminal_error)?
@@ -97,17 +135,17 @@ pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, DefaultEditor, Restore
         printer: Mutex::new(printer),
         color,
     };
-    Ok((Box::new(sink), editor, restore))
+    Ok((Box::new(sink), Editor { editor, editing }, restore))
 }
 
 /// Read lines with the editor on a thread of its own, handing them to the session.
 ///
 /// # Errors
 /// [`Error::Spawn`] when the thread cannot be started.
-pub(crate) fn start(mut editor: DefaultEditor, lines: Sender<Input>) -> Result<()> {
+pub(crate) fn start(editor: Editor, lines: Sender<Input>) -> Result<()> {
     thread::Builder::new()
         .name("stdin".into())
-        .spawn(move || edit_lines(&mut editor, &lines))
+        .spawn(move || edit_lines(editor, &lines))
         .map(drop)
         .map_err(|source| Error::Spawn {
             what: "stdin",
@@ -119,15 +157,29 @@ fn terminal_error(e: ReadlineError) -> Error {
     Error::Io(io::Error::other(format!("cannot use the terminal: {e}")))
 }
 
-fn edit_lines(editor: &mut DefaultEditor, lines: &Sender<Input>) {
+fn edit_lines(mut editor: Editor, lines: &Sender<Input>) {
+    let editing = Arc::clone(&editor.editing);
     loop {
-        let input = match editor.readline("> ") {
-            Ok(line) if line.is_empty() => continue,
-            Ok(line) => Input::Line(line),
+        if editing.over.load(Ordering::Acquire) {
+            return;
+        }
+        editing.reading.store(true, Ordering::Release);
+        let read = editor.editor.readline("> ");
+        editing.reading.store(false, Ordering::Release);
+        let input = match read {
+            Ok(line) => {
+                // A multi-line paste arrives as one buffer: each line is a message.
+                for part in line.split(['\n', '\r']).filter(|p| !p.is_empty()) {
+                    if lines.send(Input::Line(part.to_string())).is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             Err(ReadlineError::Interrupted) => Input::Interrupted,
             Err(ReadlineError::Eof) => Input::End,
             Err(e) => {
-                eprintln!("client: cannot read the terminal: {e}");
+                let _ = writeln!(io::stderr(), "client: cannot read the terminal: {e}");
                 Input::End
             }
         };

@@ -248,7 +248,8 @@ fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
     command.args(args);
     let mut proc = Proc::spawn(&mut command);
     let mut stdin = proc.child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
+    // The client may have finished before it read it all: that is for the test to judge.
+    let _ = stdin.write_all(input.as_bytes());
     drop(stdin);
     proc.output()
 }
@@ -275,6 +276,8 @@ fn lines_are_confirmed_before_the_close_even_where_a_close_is_answered_at_once()
         echo: true,
         echo_delay: ms(300),
         answer_close: true,
+        history: &[],
+        close_first: false,
     });
     let unconfirmed = run_client_with(&fake.url(), &["--no-confirm"], "one\ntwo\nthree\n");
     assert!(unconfirmed.status.success(), "{unconfirmed:?}");
@@ -301,6 +304,8 @@ fn lines_that_never_come_back_exit_4_unless_confirmation_is_off() {
         echo: false,
         echo_delay: ms(0),
         answer_close: true,
+        history: &[],
+        close_first: false,
     });
     let output = run_client_with(&fake.url(), &["--wait", "1"], "one\ntwo\n");
     assert_eq!(output.status.code(), Some(4), "{output:?}");
@@ -328,6 +333,8 @@ fn a_second_ctrl_c_stops_waiting_for_a_server_that_never_answers_the_close() {
         echo: true,
         echo_delay: ms(0),
         answer_close: false,
+        history: &[],
+        close_first: false,
     });
     let mut proc = Proc::spawn(&mut client(&fake.url()));
     let _stdin = proc.child.stdin.take();
@@ -343,7 +350,7 @@ fn a_second_ctrl_c_stops_waiting_for_a_server_that_never_answers_the_close() {
 }
 
 #[test]
-fn a_closed_output_is_noticed_at_once_and_the_close_is_still_sent() {
+fn a_closed_output_is_noticed_when_nothing_arrives_and_the_close_is_still_sent() {
     let server = ServerProc::start(&[]);
     let mut proc = Proc::spawn(&mut client(&format!("ws://{}", server.addr)));
     let _stdin = proc.child.stdin.take();
@@ -354,4 +361,50 @@ fn a_closed_output_is_noticed_at_once_and_the_close_is_still_sent() {
     drop(stdout);
     assert!(proc.wait().success());
     server.expect_log("left: closed by the client (1000)");
+}
+
+#[test]
+fn a_closed_output_found_by_a_failed_write_still_sends_the_close() {
+    let server = ServerProc::start(&[]);
+    let (mut other, _) = join(server.addr);
+    for i in 0..5 {
+        send(&mut other, &format!("history {i}"));
+        recv_text(&mut other);
+    }
+    let mut proc = Proc::spawn(&mut client(&format!("ws://{}", server.addr)));
+    let _stdin = proc.child.stdin.take();
+    // The reader is gone before the client writes: the history meets a closed pipe.
+    drop(proc.child.stdout.take());
+    assert!(proc.wait().success());
+    server.expect_log("left: closed by the client (1000)");
+}
+
+#[test]
+fn in_a_pipe_a_server_that_closes_before_the_input_ends_is_a_failure() {
+    let fake = Fake::start(Behaviour {
+        echo: false,
+        echo_delay: ms(0),
+        answer_close: true,
+        history: &[],
+        close_first: true,
+    });
+    // Far more input than can be sent before the server's close comes back.
+    let input: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
+    let output = run_client_with(&fake.url(), &["--no-confirm"], &input);
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("before the input ended"), "{stderr}");
+}
+
+#[test]
+fn an_identical_line_in_the_history_is_not_taken_for_ours() {
+    let fake = Fake::start(Behaviour {
+        echo: false,
+        echo_delay: ms(0),
+        answer_close: true,
+        history: &["127.0.0.1:1: deploy finished"],
+        close_first: false,
+    });
+    let output = run_client_with(&fake.url(), &["--wait", "1"], "deploy finished\n");
+    assert_eq!(output.status.code(), Some(4), "never broadcast: {output:?}");
 }

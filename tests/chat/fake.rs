@@ -25,6 +25,10 @@ pub struct Behaviour {
     pub echo_delay: Duration,
     /// Answer a close frame at once (most libraries do); otherwise never.
     pub answer_close: bool,
+    /// Messages sent to each client as it connects, as a replayed history.
+    pub history: &'static [&'static str],
+    /// Close (1000, "going home") as soon as the first message arrives.
+    pub close_first: bool,
 }
 
 /// What the fake server saw, in order.
@@ -102,6 +106,9 @@ fn serve(stream: TcpStream, behaviour: Behaviour, seen: &Sender<Seen>, stop: &At
     let Ok(mut ws) = tungstenite::accept(stream) else {
         return;
     };
+    for line in behaviour.history {
+        let _ = ws.send(Message::text(*line));
+    }
     ws.get_ref().set_read_timeout(Some(POLL)).expect("timeout");
     // Echoes go out when due, apart from reading, as a server that broadcasts through a
     // queue does: a close can be answered while echoes are still on their way.
@@ -116,6 +123,14 @@ fn serve(stream: TcpStream, behaviour: Behaviour, seen: &Sender<Seen>, stop: &At
         match ws.read() {
             Ok(Message::Text(text)) => {
                 let _ = seen.send(Seen::Text(text.to_string()));
+                if behaviour.close_first {
+                    let _ = ws.close(None);
+                    let _ = ws.flush();
+                    let _ = ws.get_ref().set_read_timeout(Some(WAIT));
+                    let mut sink = [0u8; 4096];
+                    while matches!(ws.get_mut().read(&mut sink), Ok(n) if n > 0) {}
+                    break;
+                }
                 if behaviour.echo {
                     due.push_back((
                         Instant::now() + behaviour.echo_delay,

@@ -50,24 +50,33 @@
 
   // The page learns its own address from its messages coming back: they come back in the
   // order they were sent, and nothing else comes from that address. Another client's
-  // identical text can arrive first and be taken for ours; the next thing either address
-  // says corrects that.
+  // identical text can arrive first and be taken for ours; our next message to come back,
+  // or the next thing the other address says, corrects that.
+  let confirmedBy = 0;
+
   function learnAddress(from, text) {
-    const expected = sent.length > 0 && sent[0] === text;
-    if (myAddr === null) {
-      if (expected) {
-        sent.shift();
-        setAddress(from);
+    const at = sent.indexOf(text);
+    if (from === myAddr) {
+      if (at >= 0) {
+        sent.splice(0, at + 1);
+        confirmedBy += 1;
+      } else {
+        setAddress(null);
       }
-    } else if (from === myAddr) {
-      // Our address only ever says what we sent; if it said anything else, it was not ours.
-      if (expected) sent.shift();
-      else setAddress(null);
+      return;
+    }
+    // Another address said one of our texts: it is ours if we know none yet, or if the
+    // one we took has shown no more than one of our texts.
+    if (at >= 0 && (myAddr === null || confirmedBy < 2)) {
+      sent.splice(0, at + 1);
+      setAddress(from);
+      confirmedBy = 1;
     }
   }
 
   function setAddress(addr) {
     myAddr = addr;
+    confirmedBy = 0;
     for (const item of log.querySelectorAll("li[data-from]")) {
       item.classList.toggle("mine", item.dataset.from === myAddr);
     }
@@ -91,6 +100,7 @@
     const ws = new WebSocket(scheme + "//" + location.host + "/");
     socket = ws;
     myAddr = null;
+    confirmedBy = 0;
     sent = [];
     let opened = false;
     ws.onopen = () => {
