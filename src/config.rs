@@ -5,7 +5,7 @@
 //! client can make the server spend has a bound a user can see and change.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The largest [`ServerConfig::queue`]: a slow client's queue is allocated whole, so this
 /// bounds it to about 2.5 MiB.
@@ -264,4 +264,14 @@ impl ClientConfig {
         self.color = color;
         self
     }
+}
+
+/// `now + after`, or as far ahead as the clock goes: durations here may be anything (a
+/// library user can pass `Duration::MAX`), and an interval of years means "never", not a
+/// panic. Both sides use it for every deadline they take from a configuration.
+pub(crate) fn later(now: Instant, after: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(after.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
 }

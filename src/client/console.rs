@@ -98,9 +98,18 @@ pub(crate) fn paint(text: &str, own: Option<bool>) -> String {
 /// # Errors
 /// [`Error::Spawn`] when the thread cannot be started.
 pub(crate) fn read_lines(input: Box<dyn BufRead + Send>, lines: Sender<Input>) -> Result<()> {
+    spawn_input(move || forward_lines(input, &lines))
+}
+
+/// Start the input thread, whichever way it reads. It is not joined: it ends at the end
+/// of its input, or with the process.
+///
+/// # Errors
+/// [`Error::Spawn`] when the thread cannot be started.
+pub(crate) fn spawn_input(body: impl FnOnce() + Send + 'static) -> Result<()> {
     thread::Builder::new()
         .name("stdin".into())
-        .spawn(move || forward_lines(input, &lines))
+        .spawn(body)
         .map(drop)
         .map_err(|source| Error::Spawn {
             what: "stdin",

@@ -19,7 +19,7 @@ use self::confirm::Confirm;
 use self::console::{Input, PipeSink, Sink};
 use self::link::Link;
 use self::url::Target;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, later};
 use crate::error::Result;
 use crate::message::printable;
 
@@ -42,13 +42,6 @@ const OUTBOX: usize = 1000;
 const INPUT_GRACE: Duration = Duration::from_millis(100);
 /// A connection up this long resets the reconnect backoff.
 const STABLE: Duration = Duration::from_secs(30);
-
-/// `after` from now, or as far ahead as the clock goes.
-fn later(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after)
-        .unwrap_or(now + Duration::from_secs(86_400))
-}
 
 /// Where lines come from and messages go.
 pub enum Console {
@@ -448,7 +441,7 @@ impl Session<'_> {
             never()
         };
         if !self.interactive && self.config.confirm {
-            let deadline = later(self.config.wait);
+            let deadline = later(Instant::now(), self.config.wait);
             while self.confirm.unconfirmed() > 0 {
                 select! {
                     recv(self.confirm.changed()) -> _ => {}
@@ -466,7 +459,7 @@ impl Session<'_> {
         }
         link.close();
         let waited = self.config.close_timeout;
-        let timeout = at(later(waited));
+        let timeout = at(later(Instant::now(), waited));
         loop {
             select! {
                 recv(link.ended) -> ending => {

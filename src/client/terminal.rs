@@ -9,7 +9,6 @@
 use std::io::{self, IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 
 use crossbeam_channel::Sender;
 use log::{debug, log_enabled};
@@ -18,7 +17,7 @@ use parking_lot::Mutex;
 use rustyline::error::ReadlineError;
 use rustyline::{Config, DefaultEditor, ExternalPrinter};
 
-use super::console::{Input, Sink, paint};
+use super::console::{Input, Sink, paint, spawn_input};
 use crate::error::{Error, Result};
 use crate::message::printable;
 
@@ -143,14 +142,7 @@ pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, Editor, Restore)> {
 /// # Errors
 /// [`Error::Spawn`] when the thread cannot be started.
 pub(crate) fn start(editor: Editor, lines: Sender<Input>) -> Result<()> {
-    thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || edit_lines(editor, &lines))
-        .map(drop)
-        .map_err(|source| Error::Spawn {
-            what: "stdin",
-            source,
-        })
+    spawn_input(move || edit_lines(editor, &lines))
 }
 
 fn terminal_error(e: ReadlineError) -> Error {

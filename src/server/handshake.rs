@@ -46,14 +46,14 @@ pub(crate) enum Outcome<'a> {
 
 /// What a request head calls for.
 #[derive(Debug)]
-pub(crate) enum Reply {
+pub(crate) enum Reply<'s> {
     /// Not a whole request yet: read more.
     Incomplete,
     /// A valid WebSocket upgrade, to be answered with this accept key; the request ends at
     /// byte `len`.
     Upgrade { accept: String, len: usize },
     /// Answer this and end the connection.
-    Respond(Response),
+    Respond(Response<'s>),
     /// Say whether the server takes clients (`GET /healthz`): for load balancers, and for
     /// the page, which cannot see why a WebSocket was refused.
     Health,
@@ -61,13 +61,14 @@ pub(crate) enum Reply {
 
 /// An HTTP response, with a one-line explanation for the log.
 #[derive(Debug)]
-pub(crate) struct Response {
+pub(crate) struct Response<'s> {
     pub(crate) status: u16,
     pub(crate) detail: String,
     content_type: &'static str,
     /// Extra header lines, each ending in CRLF.
     headers: &'static str,
-    body: Cow<'static, [u8]>,
+    /// Borrowed from the site for its files: a page is never copied to be sent.
+    body: Cow<'s, [u8]>,
 }
 
 /// Read one request from `stream` and answer it, all before `deadline`. A valid upgrade
@@ -112,7 +113,7 @@ pub(crate) fn handshake<'a>(
 }
 
 /// What to answer to the bytes of a request head received so far.
-pub(crate) fn reply(buf: &[u8], site: Option<&Site>, origins: &Origins) -> Reply {
+pub(crate) fn reply<'s>(buf: &[u8], site: Option<&'s Site>, origins: &Origins) -> Reply<'s> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
@@ -130,12 +131,12 @@ pub(crate) fn reply(buf: &[u8], site: Option<&Site>, origins: &Origins) -> Reply
     }
 }
 
-fn answer(
+fn answer<'s>(
     request: &httparse::Request<'_, '_>,
     len: usize,
-    site: Option<&Site>,
+    site: Option<&'s Site>,
     origins: &Origins,
-) -> Reply {
+) -> Reply<'s> {
     let method = request.method.unwrap_or_default();
     let path = request.path.unwrap_or("/");
     if method != "GET" {
@@ -152,7 +153,7 @@ fn answer(
                 detail: format!("served {shown}"),
                 content_type: page.content_type,
                 headers: page.headers,
-                body: Cow::Owned(page.body.into_owned()),
+                body: page.body,
             },
             None if site.is_some() || path != "/" => {
                 Response::error(404, format!("no page at {shown}"))
@@ -177,7 +178,7 @@ fn answer(
 }
 
 /// `200 ok` with the number of clients, or `503` when the chat is full.
-fn health(admission: &Admission) -> Response {
+fn health(admission: &Admission) -> Response<'static> {
     let (clients, max) = (admission.clients(), admission.max_clients());
     if clients < max {
         Response::text(200, format!("ok: {clients} of {max} clients\n"))
@@ -242,9 +243,9 @@ fn is_valid_key(key: &[u8]) -> bool {
         && &key[22..] == b"=="
 }
 
-impl Response {
+impl Response<'_> {
     /// A plain-text answer.
-    fn text(status: u16, body: String) -> Response {
+    fn text(status: u16, body: String) -> Response<'static> {
         Response {
             status,
             detail: body.trim_end().to_string(),
@@ -255,7 +256,7 @@ impl Response {
     }
 
     /// An error `status` with a one-line plain-text explanation.
-    fn error(status: u16, detail: String) -> Response {
+    fn error(status: u16, detail: String) -> Response<'static> {
         let body = format!("{status} {}: {detail}\n", reason(status));
         let headers = match status {
             405 => "Allow: GET\r\n",

@@ -28,6 +28,7 @@ use self::inbox::Event;
 use self::peer::{Peer, PeerId, PeerOutlet};
 use self::web::Site;
 use crate::config::ServerConfig;
+pub(crate) use crate::config::later;
 use crate::error::{Error, Result};
 
 pub use self::limits::raise_open_file_limit;
@@ -458,15 +459,6 @@ fn thread_cap(config: &ServerConfig) -> usize {
         .max_clients
         .saturating_add(config.max_pending)
         .saturating_add(ENDING_THREADS)
-}
-
-/// `now + after`, or as far ahead as the clock goes: an interval of years means "never",
-/// not a panic.
-pub(crate) fn later(now: Instant, after: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    now.checked_add(after.min(CENTURY))
-        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
-        .unwrap_or(now)
 }
 
 /// Tells the acceptor a connection thread has ended, even if it panicked.
