@@ -68,6 +68,45 @@ pub struct ServerConfig {
     pub close_timeout: Duration,
     /// Serve the chat page on plain HTTP `GET /`. Default `true`.
     pub web: bool,
+    /// Run as one node of a fleet whose room is a Redis Stream. Default `None`: one node,
+    /// no Redis.
+    pub redis: Option<RedisConfig>,
+}
+
+/// Where a fleet's room lives: one Redis Stream that every node writes to and reads from.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// The stream's key. Default `broadcast-chat`; nodes with the same key share a room.
+    pub key: String,
+    /// Entries the stream keeps (approximately, `MAXLEN ~`). Default 10 000. A node away
+    /// for longer than this many messages cannot resume, and restarts its clients (1012).
+    pub window: u64,
+}
+
+impl RedisConfig {
+    /// The stream at `url` with the default key and window.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            key: "broadcast-chat".to_string(),
+            window: 10_000,
+        }
+    }
+
+    /// Set [`Self::key`].
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = key.into();
+        self
+    }
+
+    /// Set [`Self::window`].
+    pub fn window(mut self, entries: u64) -> Self {
+        self.window = entries;
+        self
+    }
 }
 
 impl Default for ServerConfig {
@@ -88,6 +127,7 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),
             web: true,
+            redis: None,
         }
     }
 }
@@ -180,6 +220,12 @@ impl ServerConfig {
     /// Set [`Self::web`].
     pub fn web(mut self, web: bool) -> Self {
         self.web = web;
+        self
+    }
+
+    /// Set [`Self::redis`].
+    pub fn redis(mut self, redis: Option<RedisConfig>) -> Self {
+        self.redis = redis;
         self
     }
 }

@@ -55,6 +55,13 @@ pub enum Error {
         /// What the server said or did instead.
         reason: String,
     },
+    /// The `--redis` URL cannot be used. Fix it and start again.
+    Redis {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An established connection failed; it is safe to drop it.
     Io(io::Error),
     /// The WebSocket protocol failed on an established connection.
@@ -89,6 +96,10 @@ impl fmt::Display for Error {
             ),
             Error::Panicked { what } => write!(f, "the {what} thread panicked (this is a bug)"),
             Error::Url { url, reason } => write!(f, "cannot use URL {url}: {reason}"),
+            Error::Redis { url, reason } => write!(
+                f,
+                "cannot use Redis URL {url}: {reason}; expected redis://HOST:PORT[/DB]"
+            ),
             Error::Connect { url, source } => {
                 write!(f, "cannot connect to {url}: ")?;
                 match source.kind() {
@@ -114,7 +125,10 @@ impl std::error::Error for Error {
             Error::Bind { source, .. } | Error::Spawn { source, .. } => Some(source),
             Error::Connect { source, .. } | Error::Io(source) => Some(source),
             Error::WebSocket(e) => Some(e),
-            Error::Panicked { .. } | Error::Url { .. } | Error::Handshake { .. } => None,
+            Error::Panicked { .. }
+            | Error::Url { .. }
+            | Error::Redis { .. }
+            | Error::Handshake { .. } => None,
         }
     }
 }

@@ -36,7 +36,7 @@ mod error;
 mod message;
 mod server;
 
-pub use config::{ClientConfig, MAX_QUEUE, ServerConfig};
+pub use config::{ClientConfig, MAX_QUEUE, RedisConfig, ServerConfig};
 pub use error::{Error, Result};
 pub use message::{WELCOME, printable, sender_tag};
 pub use server::{Server, raise_open_file_limit};

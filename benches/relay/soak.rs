@@ -262,7 +262,7 @@ fn abuse(addr: SocketAddr, stop: &AtomicBool, counters: &Counters) {
                 break;
             }
             if let Ok(mut stream) = connect_from("127.0.0.2", addr) {
-                if tick % 2 == 0 {
+                if tick.is_multiple_of(2) {
                     let _ = stream.write_all(&REQUEST[..20]);
                 }
                 idle.push(stream);
@@ -270,7 +270,7 @@ fn abuse(addr: SocketAddr, stop: &AtomicBool, counters: &Counters) {
             }
         }
         non_readers.retain(|(_, since)| since.elapsed() < NON_READER_LIFE);
-        if tick % 50 == 0 {
+        if tick.is_multiple_of(50) {
             for (stream, _) in &non_readers {
                 let _ = (&*stream).write_all(&wire::frame(9, b""));
             }
@@ -290,7 +290,7 @@ fn aborted_handshake(addr: SocketAddr, tick: u64) {
         return;
     };
     let _ = stream.write_all(REQUEST);
-    if tick % 2 == 0 {
+    if tick.is_multiple_of(2) {
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
 
-use crate::config::ServerConfig;
+use crate::config::{RedisConfig, ServerConfig};
 use crate::server::Origin;
 
 /// A WebSocket broadcast chat server: every text message a client sends goes to every
@@ -100,9 +100,25 @@ pub struct ServerArgs {
     #[arg(long, value_name = "ORIGIN", value_parser = origin)]
     allow_origin: Vec<String>,
 
-    /// Do not serve the chat page on plain HTTP GET /
+    /// Do not serve the chat page on plain HTTP GET / (/healthz and /metrics stay)
     #[arg(long)]
     no_web: bool,
+
+    /// Run as one node of a fleet: the room is a Redis Stream shared by every node given
+    /// the same URL and key (redis://HOST:PORT[/DB])
+    #[arg(long, value_name = "URL", value_parser = redis_url)]
+    redis: Option<String>,
+
+    /// The Redis Stream that is the room
+    #[arg(long, value_name = "NAME", default_value = "broadcast-chat",
+          value_parser = redis_key, requires = "redis")]
+    redis_key: String,
+
+    /// Messages the stream keeps so that a node can resume after losing Redis, 100 to
+    /// 10000000; a node away longer restarts its clients (1012)
+    #[arg(long, value_name = "N", default_value_t = 10_000, requires = "redis",
+          value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    redis_window: u64,
 
     /// How much to log to stderr
     #[arg(long, value_name = "LEVEL", value_enum, ignore_case = true,
@@ -136,6 +152,25 @@ fn bind_address(value: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// A `redis://` URL the redis crate understands, checked before the server starts.
+fn redis_url(value: &str) -> Result<String, String> {
+    use redis::IntoConnectionInfo;
+    if !value.starts_with("redis://") {
+        return Err("expected redis://HOST:PORT[/DB]".to_string());
+    }
+    value
+        .into_connection_info()
+        .map(|_| value.to_string())
+        .map_err(|e| format!("{e}; expected redis://HOST:PORT[/DB]"))
+}
+
+fn redis_key(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > 256 {
+        return Err("expected a name of 1 to 256 bytes".to_string());
+    }
+    Ok(value.to_string())
+}
+
 fn origin(value: &str) -> Result<String, String> {
     match value {
         "*" | "null" => Ok(value.to_string()),
@@ -160,7 +195,12 @@ impl ServerArgs {
             .max_pending_per_ip(self.max_pending_per_ip as usize)
             .rate(self.rate)
             .burst(self.burst)
-            .web(!self.no_web);
+            .web(!self.no_web)
+            .redis(self.redis.as_ref().map(|url| {
+                RedisConfig::new(url)
+                    .key(&self.redis_key)
+                    .window(self.redis_window)
+            }));
         config.allow_origins.clone_from(&self.allow_origin);
         config
     }

@@ -218,13 +218,20 @@ impl fmt::Display for Source {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::metrics::Metrics;
     use std::net::{TcpListener, TcpStream};
 
     /// A peer on a real (loopback) socket, claiming to come from `from`.
     fn peer(id: PeerId, from: &str) -> Arc<Peer> {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        Arc::new(Peer::new(id, stream, from.parse().expect("address")))
+        let metrics = Arc::new(Metrics::new());
+        Arc::new(Peer::new(
+            id,
+            stream,
+            from.parse().expect("address"),
+            metrics,
+        ))
     }
 
     fn admission(max_pending: usize, per_ip: usize, max_clients: usize) -> Arc<Admission> {

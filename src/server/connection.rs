@@ -8,6 +8,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,10 +18,12 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, error::ProtocolError};
 
 use super::admission::{Admission, Pending, Slot};
+use super::backplane::Backplane;
 use super::flood::Bucket;
 use super::handshake::{self, Outcome};
 use super::inbox::{Event, Events};
 use super::later;
+use super::metrics::{Closed, Metrics, Refused};
 use super::peer::{Peer, PeerOutlet};
 use super::web::Site;
 use crate::config::ServerConfig;
@@ -44,6 +47,11 @@ pub(crate) struct Context {
     pub(crate) admission: Arc<Admission>,
     /// The chat page, unless it is turned off.
     pub(crate) site: Option<Site>,
+    /// Where the clients' messages go.
+    pub(crate) backplane: Backplane,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Set when shutdown begins, for `/healthz`.
+    pub(crate) stopping: AtomicBool,
 }
 
 /// The body of a connection thread. `pending` is the connection's room for its handshake,
@@ -52,8 +60,7 @@ pub(crate) struct Context {
 pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
     let config = &context.config;
     let deadline = later(Instant::now(), config.handshake_timeout);
-    let site = context.site.as_ref();
-    match handshake::handshake(&peer.stream, deadline, site, &context.admission) {
+    match handshake::handshake(&peer.stream, deadline, context) {
         Ok(Outcome::Upgraded { leftover, slot }) => {
             drop(pending);
             let session = Session {
@@ -69,6 +76,11 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
             if status < 400 {
                 info!("{} left after HTTP {status}: {detail}", peer.addr);
             } else {
+                context.metrics.refused(match status {
+                    403 => Refused::Origin,
+                    503 => Refused::Full,
+                    _ => Refused::BadRequest,
+                });
                 info!("{} refused with HTTP {status}: {detail}", peer.addr);
             }
             close_gracefully(&peer.stream, LINGER);
@@ -78,11 +90,14 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
             peer.addr
         ),
         Ok(Outcome::Vanished) => info!("{} left before sending a request", peer.addr),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => info!(
-            "{} did not complete the handshake within {} s; closed",
-            peer.addr,
-            config.handshake_timeout.as_secs_f32()
-        ),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            context.metrics.refused(Refused::Timeout);
+            info!(
+                "{} did not complete the handshake within {} s; closed",
+                peer.addr,
+                config.handshake_timeout.as_secs_f32()
+            );
+        }
         Err(e) => info!("{} left during the handshake: {e}", peer.addr),
     }
     let _ = peer.stream.shutdown(Shutdown::Both);
@@ -135,6 +150,13 @@ impl Session<'_> {
         let end = self.read_until_end(leftover);
         let answering_ours = peer.is_closing();
         self.joined = false;
+        if !answering_ours && !peer.is_cut() {
+            self.context.metrics.closed(match end {
+                End::Closed { .. } => Closed::Client,
+                End::Failed { .. } => Closed::Protocol,
+                End::Dropped { .. } => Closed::Dropped,
+            });
+        }
         let (close, failed, why) = match end {
             End::Closed { reply, why } if answering_ours => (
                 Some(reply),
@@ -197,7 +219,17 @@ impl Session<'_> {
             let event = match message {
                 Message::Text(text) => {
                     info!("{} says {:?}", self.peer.addr, text.as_str());
-                    Event::Broadcast(message::text(&tag, &text))
+                    self.context.metrics.received.inc();
+                    let published =
+                        self.context
+                            .backplane
+                            .publish(&self.context.events, &tag, &text);
+                    if published.is_err() {
+                        return End::Dropped {
+                            why: "the server stopped".to_string(),
+                        };
+                    }
+                    continue;
                 }
                 Message::Ping(payload) => Event::Pong(self.peer.id, message::pong(&payload)),
                 Message::Pong(_) => continue,

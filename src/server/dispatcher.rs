@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -29,6 +30,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::inbox::{Event, Inbox};
 use super::later;
+use super::metrics::{Closed, Metrics};
 use super::peer::PeerId;
 use super::ring::Ring;
 use crate::config::ServerConfig;
@@ -102,10 +104,11 @@ pub(crate) struct Dispatcher<O> {
     next_housekeeping: Instant,
     visits: u32,
     stopping: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl<O: Outlet> Dispatcher<O> {
-    pub(crate) fn new(config: &ServerConfig) -> Self {
+    pub(crate) fn new(config: &ServerConfig, metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
         Self {
             clients: Vec::new(),
@@ -121,6 +124,7 @@ impl<O: Outlet> Dispatcher<O> {
             next_housekeeping: now + HOUSEKEEPING,
             visits: 0,
             stopping: false,
+            metrics,
         }
     }
 
@@ -136,7 +140,7 @@ impl<O: Outlet> Dispatcher<O> {
                 self.visit();
                 // Under load, look at the clock only now and then, not once per delivery.
                 self.visits = self.visits.wrapping_add(1);
-                if self.visits % VISITS_PER_CLOCK != 0 {
+                if !self.visits.is_multiple_of(VISITS_PER_CLOCK) {
                     continue;
                 }
             } else {
@@ -171,8 +175,10 @@ impl<O: Outlet> Dispatcher<O> {
         match event {
             Event::Broadcast(frame) => {
                 self.ring.push(frame);
+                self.metrics.broadcast.inc();
                 self.settled = 0;
             }
+            Event::Reseed { frames, lost } => self.reseed(frames, lost),
             Event::Join(outlet) => self.join(outlet),
             Event::Pong(id, frame) => {
                 if let Some(i) = self.index.get(&id).copied() {
@@ -185,13 +191,40 @@ impl<O: Outlet> Dispatcher<O> {
                 self.stopping = true;
                 let now = Instant::now();
                 let frame = message::close(CloseCode::Away, "server shutting down");
-                for i in 0..self.clients.len() {
-                    self.catch_up(i);
-                    let client = &mut self.clients[i];
-                    client.outlet.close(frame.clone());
-                    client.closing_since.get_or_insert(now);
-                }
+                self.close_all(&frame, Closed::Shutdown, now);
             }
+        }
+    }
+
+    /// After everything broadcast before, close every client not closing already.
+    fn close_all(&mut self, frame: &Frame, reason: Closed, now: Instant) {
+        for i in 0..self.clients.len() {
+            self.catch_up(i);
+            let client = &mut self.clients[i];
+            if client.closing_since.is_none() {
+                self.metrics.closed(reason);
+                client.outlet.close(frame.clone());
+                client.closing_since = Some(now);
+            }
+        }
+    }
+
+    /// Make `frames` the history, sent to no one. With `lost`, close every client with
+    /// 1012 first: the fleet lost messages this node cannot account for, and a client that
+    /// reconnects sees the room as it is now.
+    fn reseed(&mut self, frames: Vec<Frame>, lost: bool) {
+        if lost {
+            let frame = message::close(CloseCode::Restart, "service restart: reconnect");
+            self.close_all(&frame, Closed::RedisReset, Instant::now());
+        } else {
+            for i in 0..self.clients.len() {
+                self.catch_up(i);
+            }
+        }
+        self.ring.restart(frames);
+        let head = self.ring.head();
+        for client in &mut self.clients {
+            client.next = head;
         }
     }
 
@@ -260,6 +293,9 @@ impl<O: Outlet> Dispatcher<O> {
         while client.next < head {
             let frames = self.ring.since(client.next, MAX_BATCH);
             let sent = client.outlet.send(frames);
+            if sent == Sent::Done {
+                self.metrics.deliveries.inc_by(frames.len() as u64);
+            }
             client.next = match sent {
                 Sent::Done => client.next + frames.len() as u64,
                 Sent::Overflow | Sent::Gone => head,
@@ -277,6 +313,7 @@ impl<O: Outlet> Dispatcher<O> {
             return;
         }
         let queue = self.queue;
+        self.metrics.closed(Closed::Slow);
         let client = &mut self.clients[i];
         warn!(
             "closing {}: it is not reading and fell {queue} messages behind",
@@ -323,6 +360,7 @@ impl<O: Outlet> Dispatcher<O> {
                 );
                 client.outlet.abort();
                 client.closing_since = Some(now);
+                self.metrics.closed(Closed::Silent);
             } else {
                 let sent = client.outlet.send(std::slice::from_ref(&ping));
                 self.settle(i, sent);

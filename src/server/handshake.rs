@@ -23,7 +23,10 @@ use std::time::Instant;
 
 use tungstenite::handshake::derive_accept_key;
 
-use super::admission::{Admission, Slot};
+use std::sync::atomic::Ordering;
+
+use super::admission::Slot;
+use super::connection::Context;
 use super::origin::Origins;
 use super::web::Site;
 
@@ -57,6 +60,8 @@ pub(crate) enum Reply<'s> {
     /// Say whether the server takes clients (`GET /healthz`): for load balancers, and for
     /// the page, which cannot see why a WebSocket was refused.
     Health,
+    /// The operator's metrics (`GET /metrics`).
+    Metrics,
 }
 
 /// An HTTP response, with a one-line explanation for the log.
@@ -72,16 +77,16 @@ pub(crate) struct Response<'s> {
 }
 
 /// Read one request from `stream` and answer it, all before `deadline`. A valid upgrade
-/// also needs a place in the chat from `admission`.
+/// also needs a place in the chat from the context's admission.
 ///
 /// # Errors
 /// Fails when the deadline passes or the socket fails.
 pub(crate) fn handshake<'a>(
     stream: &TcpStream,
     deadline: Instant,
-    site: Option<&Site>,
-    admission: &'a Admission,
+    context: &'a Context,
 ) -> io::Result<Outcome<'a>> {
+    let (site, admission) = (context.site.as_ref(), &*context.admission);
     let mut buf = Vec::with_capacity(1024);
     loop {
         if read_more(stream, &mut buf, deadline)? == 0 {
@@ -90,7 +95,10 @@ pub(crate) fn handshake<'a>(
         let response = match reply(&buf, site, &admission.origins) {
             Reply::Incomplete => continue,
             Reply::Respond(response) => response,
-            Reply::Health => health(admission),
+            Reply::Health => health(context),
+            Reply::Metrics => {
+                Response::metrics(context.metrics.render(admission.clients()).into_bytes())
+            }
             Reply::Upgrade { accept, len } => match admission.join() {
                 Some(slot) => {
                     let head = format!(
@@ -143,8 +151,10 @@ fn answer<'s>(
         return Reply::Respond(Response::error(405, "only GET is supported".into()));
     }
     if !wants_upgrade(request) {
-        if path.split('?').next() == Some("/healthz") {
-            return Reply::Health;
+        match path.split('?').next() {
+            Some("/healthz") => return Reply::Health,
+            Some("/metrics") => return Reply::Metrics,
+            _ => {}
         }
         let shown = path.escape_debug();
         return Reply::Respond(match site.and_then(|site| site.page(path)) {
@@ -177,16 +187,25 @@ fn answer<'s>(
     }
 }
 
-/// `200 ok` with the number of clients, or `503` when the chat is full.
-fn health(admission: &Admission) -> Response<'static> {
+/// `200 ok` with the number of clients, or `503` with the reason this node should not be
+/// sent new clients: it is shutting down, its Redis link is down, or the chat is full.
+fn health(context: &Context) -> Response<'static> {
+    let admission = &context.admission;
     let (clients, max) = (admission.clients(), admission.max_clients());
-    if clients < max {
-        Response::text(200, format!("ok: {clients} of {max} clients\n"))
+    let trouble = if context.stopping.load(Ordering::Relaxed) {
+        Some("the server is shutting down".to_string())
+    } else if let Some(trouble) = context.backplane.trouble() {
+        Some(format!(
+            "{trouble}; clients here stay connected but new ones should go elsewhere"
+        ))
+    } else if clients >= max {
+        Some(format!("the chat is full ({max} clients)"))
     } else {
-        Response::error(
-            503,
-            format!("the chat is full ({max} clients); try again later"),
-        )
+        None
+    };
+    match trouble {
+        None => Response::text(200, format!("ok: {clients} of {max} clients\n")),
+        Some(trouble) => Response::error(503, format!("{trouble}; try again later")),
     }
 }
 
@@ -252,6 +271,17 @@ impl Response<'_> {
             content_type: "text/plain; charset=utf-8",
             headers: "Cache-Control: no-store\r\n",
             body: Cow::Owned(body.into_bytes()),
+        }
+    }
+
+    /// The metrics page, in the text format Prometheus scrapes.
+    fn metrics(body: Vec<u8>) -> Response<'static> {
+        Response {
+            status: 200,
+            detail: "served /metrics".to_string(),
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            headers: "Cache-Control: no-store\r\n",
+            body: Cow::Owned(body),
         }
     }
 

@@ -19,6 +19,11 @@ pub(crate) enum Event<O> {
     Join(O),
     /// A tagged text frame to append to the history and send to everyone.
     Broadcast(Frame),
+    /// In a fleet, the room's history as Redis has it (see
+    /// [`backplane`](super::backplane)): it replaces the history without being sent to
+    /// anyone. With `lost`, Redis lost what this node delivered last, so its clients are
+    /// closed with 1012 to reconnect and see the new history.
+    Reseed { frames: Vec<Frame>, lost: bool },
     /// A pong for one client, answering its ping.
     Pong(PeerId, Frame),
     /// A client is done. Send it `close` after everything broadcast before, then forget it.
@@ -53,6 +58,15 @@ pub(crate) fn channel<O>(capacity: usize) -> (Events<O>, Inbox<O>) {
 pub(crate) struct Events<O> {
     tx: Sender<Event<O>>,
     bell: Arc<Bell>,
+}
+
+impl<O> Clone for Events<O> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            bell: Arc::clone(&self.bell),
+        }
+    }
 }
 
 /// The dispatcher's side of the event channel.

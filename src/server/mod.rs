@@ -5,8 +5,12 @@
 //!   the ones that have ended each time it wakes; [`Server::shutdown`] joins the acceptor;
 //! - each **connection thread** does the handshake and reads its client (see
 //!   [`super::connection`]); it joins its client's short-lived writer thread, if any;
-//! - the **dispatcher** (see [`super::dispatcher`]) ends when the last event sender is gone,
-//!   that is after every connection thread; [`Server::shutdown`] joins it last.
+//! - in a fleet, a **Redis writer** and a **Redis reader** (see [`backplane`]);
+//!   [`Server::shutdown`] stops the writer once the connection threads are cut, and the
+//!   reader after they have ended;
+//! - the **dispatcher** (see [`dispatcher`]) ends when the last event sender is gone, that
+//!   is after every connection thread and the Redis reader; [`Server::shutdown`] joins it
+//!   last.
 
 use std::collections::HashMap;
 use std::io;
@@ -22,9 +26,11 @@ use parking_lot::Mutex;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use self::admission::{Admission, Pending, Refusal};
+use self::backplane::{Backplane, Fleet};
 use self::connection::Context;
 use self::dispatcher::Dispatcher;
 use self::inbox::Event;
+use self::metrics::{Metrics, Refused};
 use self::peer::{Peer, PeerId, PeerOutlet};
 use self::web::Site;
 use crate::config::ServerConfig;
@@ -35,12 +41,14 @@ pub use self::limits::raise_open_file_limit;
 pub(crate) use self::origin::Origin;
 
 mod admission;
+mod backplane;
 mod connection;
 mod dispatcher;
 mod flood;
 mod handshake;
 mod inbox;
 mod limits;
+mod metrics;
 mod origin;
 mod peer;
 mod ring;
@@ -82,6 +90,8 @@ pub struct Server {
     context: Option<Arc<Context>>,
     connections: Arc<Mutex<Connections>>,
     acceptor: Option<JoinHandle<()>>,
+    /// The Redis threads, in a fleet.
+    fleet: Option<Fleet>,
     dispatcher: Option<JoinHandle<()>>,
 }
 
@@ -98,7 +108,9 @@ impl Server {
     ///
     /// # Errors
     /// [`Error::Bind`] when the address cannot be listened on, [`Error::Spawn`] when the
-    /// server's threads cannot be started.
+    /// server's threads cannot be started, [`Error::Redis`] when the Redis URL cannot be
+    /// used. An unreachable Redis is not an error: the server starts, reports itself
+    /// unhealthy and keeps trying.
     pub fn with_config(config: ServerConfig) -> Result<Server> {
         let listener = listen(config.bind).map_err(|source| Error::Bind {
             addr: config.bind,
@@ -107,7 +119,8 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let listener = Arc::new(listener);
         let (events, inbox) = inbox::channel(EVENT_QUEUE);
-        let dispatcher = Dispatcher::<PeerOutlet>::new(&config);
+        let metrics = Arc::new(Metrics::new());
+        let dispatcher = Dispatcher::<PeerOutlet>::new(&config, Arc::clone(&metrics));
         let dispatcher = thread::Builder::new()
             .name("dispatcher".into())
             .spawn(move || dispatcher.run(&inbox))
@@ -115,12 +128,24 @@ impl Server {
                 what: "dispatcher",
                 source,
             })?;
+        let (backplane, fleet) = match Backplane::start(&config, &events, &metrics) {
+            Ok(started) => started,
+            Err(e) => {
+                // The dispatcher ends with its last event sender.
+                drop(events);
+                let _ = dispatcher.join();
+                return Err(e);
+            }
+        };
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let context = Arc::new(Context {
             admission: Arc::new(Admission::new(&config)),
             site: Site::new(&config),
             config,
             events,
+            backplane,
+            metrics,
+            stopping: AtomicBool::new(false),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Connections {
@@ -145,6 +170,7 @@ impl Server {
             context: Some(context),
             connections,
             acceptor: None,
+            fleet,
             dispatcher: Some(dispatcher),
         };
         // On failure the closure, and the acceptor's context with it, is dropped before
@@ -186,6 +212,9 @@ impl Server {
 
     fn stop_all(&mut self) -> Result<()> {
         let mut result = Ok(());
+        if let Some(context) = &self.context {
+            context.stopping.store(true, Ordering::Relaxed);
+        }
         if let Some(acceptor) = self.acceptor.take() {
             self.stop.store(true, Ordering::Release);
             self.wake_acceptor();
@@ -199,10 +228,18 @@ impl Server {
             let mut connections = self.connections.lock();
             connections.wait(later(Instant::now(), grace));
             connections.abort_all();
+            // No connection thread may stay waiting for the Redis writer's queue.
+            if let Some(fleet) = &mut self.fleet {
+                fleet.stop_writer();
+            }
             connections.wait_all();
         }
+        if let Some(fleet) = self.fleet.take() {
+            fleet.stop();
+        }
         // The dispatcher ends once the last event sender is gone: the connection threads'
-        // went with them, the acceptor's with it, and the server's with `context` above.
+        // went with them, the acceptor's with it, the Redis reader's with the fleet, and
+        // the server's with `context` above.
         if let Some(dispatcher) = self.dispatcher.take()
             && dispatcher.join().is_err()
         {
@@ -349,6 +386,7 @@ impl Acceptor {
         let mut connections = registry.lock();
         let threads = thread_cap(&self.context.config);
         if connections.live.len() >= threads {
+            self.context.metrics.refused(Refused::Busy);
             if let Some(more) = self.refusals.ready() {
                 warn!(
                     "closing {addr} at once: {threads} connection threads are running, \
@@ -358,7 +396,8 @@ impl Acceptor {
             return;
         }
         self.next_id += 1;
-        let peer = Arc::new(Peer::new(self.next_id, stream, addr));
+        let metrics = Arc::clone(&self.context.metrics);
+        let peer = Arc::new(Peer::new(self.next_id, stream, addr, metrics));
         let Some(pending) = self.admit(&peer) else {
             return;
         };
@@ -398,6 +437,9 @@ impl Acceptor {
         let config = &self.context.config;
         match self.context.admission.begin(peer, Instant::now()) {
             Ok((pending, evicted)) => {
+                if evicted.is_some() {
+                    self.context.metrics.refused(Refused::Evicted);
+                }
                 if let Some(cut) = evicted
                     && let Some(more) = self.evictions.ready()
                 {
@@ -410,6 +452,7 @@ impl Acceptor {
                 Some(pending)
             }
             Err(refusal) => {
+                self.context.metrics.refused(Refused::Busy);
                 if let Some(more) = self.refusals.ready() {
                     warn!(
                         "closing {} at once: {}{more}",

@@ -33,6 +33,7 @@ use parking_lot::{Condvar, Mutex};
 use socket2::SockRef;
 
 use super::dispatcher::{MAX_BATCH, Outlet, Sent};
+use super::metrics::{Closed, Metrics};
 use crate::config::MAX_QUEUE;
 use crate::message::Frame;
 
@@ -48,6 +49,7 @@ pub(crate) struct Peer {
     pub(crate) id: PeerId,
     pub(crate) addr: SocketAddr,
     pub(crate) stream: TcpStream,
+    metrics: Arc<Metrics>,
     born: Instant,
     last_heard_ms: AtomicU64,
     /// The server is done with this connection: its thread stops reading.
@@ -107,11 +109,17 @@ impl WriteState {
 }
 
 impl Peer {
-    pub(crate) fn new(id: PeerId, stream: TcpStream, addr: SocketAddr) -> Self {
+    pub(crate) fn new(
+        id: PeerId,
+        stream: TcpStream,
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             id,
             addr,
             stream,
+            metrics,
             born: Instant::now(),
             last_heard_ms: AtomicU64::new(0),
             cut: AtomicBool::new(false),
@@ -219,6 +227,10 @@ impl Peer {
             match SockRef::from(&self.stream).send_vectored_with_flags(&iov[..n], flags) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Ok(written) => {
+                    self.metrics.bytes_written.inc_by(written as u64);
+                    return Ok(written);
+                }
                 result => return result,
             }
         }
@@ -233,7 +245,10 @@ impl Peer {
         while !iov.is_empty() {
             match SockRef::from(&self.stream).send_vectored_with_flags(iov, libc::MSG_NOSIGNAL) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut iov, n),
+                Ok(n) => {
+                    self.metrics.bytes_written.inc_by(n as u64);
+                    IoSlice::advance_slices(&mut iov, n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(io::ErrorKind::TimedOut.into());
@@ -480,6 +495,7 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
 
 fn write_failed(peer: &Peer, write: &mut Writing, e: &io::Error) {
     if e.kind() == io::ErrorKind::TimedOut {
+        peer.metrics.closed(Closed::Stalled);
         let waited = peer
             .stream
             .write_timeout()

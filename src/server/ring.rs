@@ -42,6 +42,13 @@ impl Ring {
         self.frames.push(frame);
     }
 
+    /// Start over from `frames`, numbered from the head on, as the history: what the ring
+    /// held is dropped, so every client must have it already.
+    pub(crate) fn restart(&mut self, frames: Vec<Frame>) {
+        self.base = self.head();
+        self.frames = frames;
+    }
+
     /// The last `history` broadcasts (fewer if there have not been that many), oldest first:
     /// what a joiner is shown.
     pub(crate) fn recent(&self) -> &[Frame] {
@@ -108,6 +115,18 @@ mod tests {
         ring.trim(10);
         assert_eq!(ring.len(), 2, "only the history is left");
         assert_eq!(ring.recent(), &[Bytes::from(vec![8]), Bytes::from(vec![9])]);
+    }
+
+    #[test]
+    fn restart_replaces_the_history_and_numbers_on() {
+        let mut ring = ring_of(3, 5);
+        ring.restart(vec![Bytes::from(vec![40]), Bytes::from(vec![41])]);
+        assert_eq!(ring.head(), 7);
+        assert_eq!(
+            ring.recent(),
+            &[Bytes::from(vec![40]), Bytes::from(vec![41])]
+        );
+        assert!(ring.since(7, 10).is_empty());
     }
 
     #[test]

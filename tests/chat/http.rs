@@ -1,18 +1,6 @@
-use std::net::SocketAddr;
-
 use broadcast_chat::ServerConfig;
 
 use crate::support::*;
-
-/// Send `request` and return the status line, the whole head and the body.
-fn ask(addr: SocketAddr, request: &[u8]) -> (String, String, String) {
-    let mut raw = Raw::connect(addr);
-    raw.write(request);
-    let head = raw.read_head();
-    let body = String::from_utf8_lossy(&raw.read_to_end()).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_string();
-    (status, head, body)
-}
 
 #[test]
 fn a_plain_get_of_the_root_returns_the_chat_page() {

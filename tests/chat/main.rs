@@ -27,3 +27,5 @@ mod fake;
 mod terminal;
 // The chat page in headless Chromium.
 mod browser;
+// Several nodes, one room, on a real redis-server.
+mod fleet;

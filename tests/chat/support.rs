@@ -115,6 +115,28 @@ pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Send `request` and read the whole answer: its status line, head and body.
+pub fn ask(addr: SocketAddr, request: &[u8]) -> (String, String, String) {
+    let mut raw = Raw::connect(addr);
+    raw.write(request);
+    let head = raw.read_head();
+    let body = String::from_utf8_lossy(&raw.read_to_end()).into_owned();
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, head, body)
+}
+
+/// `GET path`: the status code and the body.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = ask(addr, request.as_bytes());
+    let code = status
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {status:?}"));
+    (code, body)
+}
+
 /// A raw TCP client for what a WebSocket library would refuse to send.
 pub struct Raw {
     pub stream: TcpStream,

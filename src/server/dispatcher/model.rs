@@ -159,7 +159,7 @@ fn check(ops: &[Op], history: usize) {
     let config = ServerConfig::default()
         .history(history)
         .ping_interval(Some(Duration::from_secs(1)));
-    let mut dispatcher = Dispatcher::<MemOutlet>::new(&config);
+    let mut dispatcher = Dispatcher::<MemOutlet>::new(&config, Arc::new(Metrics::new()));
     let mut clock = Instant::now();
     let mut clients: Vec<Client> = Vec::new();
     let mut live: Vec<usize> = Vec::new();

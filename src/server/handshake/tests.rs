@@ -166,7 +166,7 @@ mod properties {
                 Reply::Incomplete => prop_assert!(bytes.len() < MAX_HEAD),
                 Reply::Respond(response) => assert_well_formed(&response.to_bytes()),
                 Reply::Upgrade { len, .. } => prop_assert!(len <= bytes.len()),
-                Reply::Health => {}
+                Reply::Health | Reply::Metrics => {}
             }
         }
 
@@ -190,7 +190,7 @@ mod properties {
             match reply(request.as_bytes(), site(web).as_ref(), &Origins::default()) {
                 Reply::Incomplete => prop_assert!(request.len() < MAX_HEAD),
                 Reply::Respond(response) => assert_well_formed(&response.to_bytes()),
-                Reply::Upgrade { .. } | Reply::Health => {}
+                Reply::Upgrade { .. } | Reply::Health | Reply::Metrics => {}
             }
         }
 

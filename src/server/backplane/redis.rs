@@ -1,0 +1,637 @@
+//! A fleet node's two Redis connections, each on a thread of its own.
+//!
+//! - The **writer** takes the tagged texts this node's clients send from a bounded queue
+//!   and adds them to the stream (`XADD … MAXLEN ~ window`), pipelined in batches. Each
+//!   entry carries this node's id and a sequence number (see [`entry`](super::entry)), so
+//!   a batch sent again after a failure cannot be delivered twice. While Redis is away the
+//!   batch is kept and retried; when the queue is full too, the connection threads wait,
+//!   and TCP slows their clients down: nothing is lost.
+//! - The **reader** blocks in `XREAD` after the last entry it delivered and hands entries
+//!   to the dispatcher. At start it seeds the history from the stream's newest entries
+//!   (`XREVRANGE`) and reads on from the newest of them, so nothing added after that is
+//!   skipped. Each read is pipelined behind an `XRANGE` of that last entry: while Redis
+//!   still has it, it has everything after it too (trimming only removes the oldest). When
+//!   it is gone, Redis restarted empty or this node was away longer than the window, and
+//!   there may be a gap the node cannot fill, so it restarts its clients with 1012 and
+//!   reseeds, rather than go on as if nothing happened.
+//!
+//! Both reconnect by themselves with a capped, jittered backoff; the writer waits for the
+//! reader's first seed before its first `XADD`, so that this node's own first messages are
+//! read back live rather than seeded into the history unseen.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ::redis::{Client, Connection, IntoConnectionInfo, RedisError, Value};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use log::{debug, error, info, warn};
+
+use super::entry::{self, Dedupe, Item, Malformed};
+use crate::config::{RedisConfig, ServerConfig};
+use crate::error::{Error, Result};
+use crate::message::{self, Frame};
+use crate::server::inbox::{Event, Events};
+use crate::server::metrics::{Link as LinkName, Metrics};
+use crate::server::peer::PeerOutlet;
+
+/// Messages that may wait for the writer. Past this, connection threads wait. At the
+/// largest message size this is 256 MiB in the worst case; chat lines make it well under
+/// a megabyte, and several seconds of a busy room.
+const WRITER_QUEUE: usize = 4096;
+
+/// Entries sent in one pipeline, at most.
+const WRITE_BATCH: usize = 256;
+
+/// Entries taken in one `XREAD`, at most.
+const READ_COUNT: usize = 1024;
+
+/// How long `XREAD` blocks in Redis. It bounds how long the reader takes to notice that
+/// the server is stopping.
+const BLOCK: Duration = Duration::from_millis(500);
+
+/// How long to wait for a reply beyond the `BLOCK` before calling the link dead.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An idle writer pings this often, so that `/healthz` learns of a dead link.
+const IDLE_PING: Duration = Duration::from_secs(2);
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How the fleet link is doing, for `/healthz`.
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    writer_up: AtomicBool,
+    reader_up: AtomicBool,
+    /// The reader has seeded the history at least once; the writer waits for it.
+    seeded: AtomicBool,
+}
+
+impl Link {
+    pub(crate) fn trouble(&self) -> Option<&'static str> {
+        let up = self.writer_up.load(Ordering::Relaxed) && self.reader_up.load(Ordering::Relaxed);
+        (!up).then_some("the Redis link is down")
+    }
+}
+
+/// A fleet node's Redis threads. The server stops the writer once its connection threads
+/// are cut (so none waits on a full queue), and the reader last, before the dispatcher.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    writer: Option<Worker>,
+    reader: Option<Worker>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    /// Dropped to tell the thread to stop.
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+    name: &'static str,
+}
+
+impl Worker {
+    fn spawn(name: &'static str, body: impl FnOnce(Receiver<()>) + Send + 'static) -> Result<Self> {
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let thread = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(stopped))
+            .map_err(|source| Error::Spawn { what: name, source })?;
+        Ok(Worker { stop, thread, name })
+    }
+
+    fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            error!("the Redis {} thread panicked (a bug)", self.name);
+        }
+    }
+}
+
+impl Fleet {
+    /// Start the writer and the reader. Returns the writer's queue and the link's state.
+    pub(crate) fn start(
+        redis: &RedisConfig,
+        config: &ServerConfig,
+        events: Events<PeerOutlet>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(Fleet, Sender<String>, Arc<Link>)> {
+        let client = client(&redis.url)?;
+        let link = Arc::new(Link::default());
+        metrics.redis_up(LinkName::Writer, false);
+        metrics.redis_up(LinkName::Reader, false);
+        let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE);
+        let writer = Writer {
+            con: Redis::new(
+                client.clone(),
+                LinkName::Writer,
+                REPLY_TIMEOUT,
+                &link,
+                metrics,
+            ),
+            key: redis.key.clone(),
+            window: redis.window,
+            node: random(),
+            next_seq: 0,
+            queue: rx,
+            link: Arc::clone(&link),
+        };
+        info!(
+            "a node of the fleet on {} (stream {:?}, node {:016x})",
+            redis.url, redis.key, writer.node
+        );
+        let reader = Reader {
+            con: Redis::new(
+                client,
+                LinkName::Reader,
+                BLOCK + REPLY_TIMEOUT,
+                &link,
+                metrics,
+            ),
+            key: redis.key.clone(),
+            history: config.history,
+            max_text: config.max_message_size.saturating_add(64),
+            events,
+            link: Arc::clone(&link),
+            metrics: Arc::clone(metrics),
+            last: None,
+            dedupe: Dedupe::default(),
+        };
+        let reader = Worker::spawn("redis reader", move |stop| reader.run(&stop))?;
+        let writer = match Worker::spawn("redis writer", move |stop| writer.run(&stop)) {
+            Ok(writer) => writer,
+            Err(e) => {
+                reader.stop();
+                return Err(e);
+            }
+        };
+        let fleet = Fleet {
+            writer: Some(writer),
+            reader: Some(reader),
+        };
+        Ok((fleet, tx, link))
+    }
+
+    /// Stop the writer: what it has not sent yet is dropped, and connection threads
+    /// waiting on its queue are let go.
+    pub(crate) fn stop_writer(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.stop();
+        }
+    }
+
+    /// Stop both threads and join them.
+    pub(crate) fn stop(mut self) {
+        self.stop_writer();
+        if let Some(reader) = self.reader.take() {
+            reader.stop();
+        }
+    }
+}
+
+/// A Redis client for `url`, with `TCP_NODELAY`: the writer's small pipelines must not
+/// wait for the previous reply's acknowledgement.
+fn client(url: &str) -> Result<Client> {
+    let invalid = |e: RedisError| Error::Redis {
+        url: url.to_string(),
+        reason: e.to_string(),
+    };
+    let info = url.into_connection_info().map_err(invalid)?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    Client::open(info.set_tcp_settings(tcp)).map_err(invalid)
+}
+
+/// A random 64-bit number, from the standard library's per-process random keys.
+fn random() -> u64 {
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// What went wrong with a command.
+#[derive(Debug)]
+enum Failure {
+    Redis(RedisError),
+    Reply(Malformed),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Redis(e) => write!(f, "{e}"),
+            Failure::Reply(Malformed(what)) => write!(f, "unexpected reply from Redis: {what}"),
+        }
+    }
+}
+
+impl From<RedisError> for Failure {
+    fn from(e: RedisError) -> Self {
+        Failure::Redis(e)
+    }
+}
+
+impl From<Malformed> for Failure {
+    fn from(e: Malformed) -> Self {
+        Failure::Reply(e)
+    }
+}
+
+/// One of the two connections, remade after a failure with backoff, and what the log,
+/// the metrics and `/healthz` say about it.
+struct Redis {
+    client: Client,
+    name: LinkName,
+    reply_timeout: Duration,
+    con: Option<Connection>,
+    link: Arc<Link>,
+    metrics: Arc<Metrics>,
+    /// When the link went down, while it is.
+    down_since: Option<Instant>,
+    failures: u32,
+    ever_connected: bool,
+}
+
+impl Redis {
+    fn new(
+        client: Client,
+        name: LinkName,
+        reply_timeout: Duration,
+        link: &Arc<Link>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        Redis {
+            client,
+            name,
+            reply_timeout,
+            con: None,
+            link: Arc::clone(link),
+            metrics: Arc::clone(metrics),
+            down_since: None,
+            failures: 0,
+            ever_connected: false,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        self.name.label()
+    }
+
+    fn flag(&self) -> &AtomicBool {
+        match self.name {
+            LinkName::Writer => &self.link.writer_up,
+            LinkName::Reader => &self.link.reader_up,
+        }
+    }
+
+    /// The connection, made now if there is none. After a failure to connect, `None` once
+    /// the backoff is over, or at once when told to stop.
+    fn take(&mut self, stop: &Receiver<()>) -> Option<Connection> {
+        if let Some(con) = self.con.take() {
+            return Some(con);
+        }
+        match self.connect() {
+            Ok(con) => {
+                if self.ever_connected {
+                    self.metrics.redis_reconnected(self.name);
+                }
+                self.ever_connected = true;
+                Some(con)
+            }
+            Err(e) => {
+                self.failed(&Failure::Redis(e));
+                self.pause(stop);
+                None
+            }
+        }
+    }
+
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        con.set_read_timeout(Some(self.reply_timeout))?;
+        con.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        Ok(con)
+    }
+
+    /// A command on `con` worked: keep it, and the link is up.
+    fn worked(&mut self, con: Connection) {
+        self.con = Some(con);
+        if let Some(since) = self.down_since.take() {
+            info!(
+                "the Redis {} link is back after {:.1} s",
+                self.label(),
+                since.elapsed().as_secs_f32()
+            );
+        }
+        self.failures = 0;
+        if !self.flag().swap(true, Ordering::Relaxed) {
+            self.metrics.redis_up(self.name, true);
+        }
+    }
+
+    /// A command or a connection failed (its connection is dropped): say so, loudly the
+    /// first time only.
+    fn failed(&mut self, e: &Failure) {
+        self.failures = self.failures.saturating_add(1);
+        self.flag().store(false, Ordering::Relaxed);
+        self.metrics.redis_up(self.name, false);
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+            warn!(
+                "the Redis {} link failed: {e}. Retrying; clients stay connected, and this \
+                 node reports 503 on /healthz until Redis is back",
+                self.label()
+            );
+        } else {
+            debug!("the Redis {} link is still down: {e}", self.label());
+        }
+    }
+
+    /// Wait out the backoff (100 ms doubling to 5 s, each between half and all of it, so
+    /// that a fleet does not reconnect in step); `false` when told to stop.
+    fn pause(&self, stop: &Receiver<()>) -> bool {
+        let shift = self.failures.saturating_sub(1).min(10);
+        let full = BACKOFF_FIRST.saturating_mul(1 << shift).min(BACKOFF_MAX);
+        let wait = full / 2 + full.mul_f64((random() % 1000) as f64 / 2000.0);
+        matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
+    }
+
+    /// The result of a command on `con`; `false` when told to stop during the backoff.
+    fn settle(
+        &mut self,
+        con: Connection,
+        result: Result<(), Failure>,
+        stop: &Receiver<()>,
+    ) -> bool {
+        match result {
+            Ok(()) => {
+                self.worked(con);
+                true
+            }
+            Err(e) => {
+                drop(con);
+                self.failed(&e);
+                self.pause(stop)
+            }
+        }
+    }
+}
+
+/// Whether the server has said to stop.
+fn stopping(stop: &Receiver<()>) -> bool {
+    !matches!(stop.try_recv(), Err(TryRecvError::Empty))
+}
+
+struct Writer {
+    con: Redis,
+    key: String,
+    window: u64,
+    node: u64,
+    next_seq: u64,
+    queue: Receiver<String>,
+    link: Arc<Link>,
+}
+
+impl Writer {
+    fn run(mut self, stop: &Receiver<()>) {
+        let mut batch: Vec<(u64, String)> = Vec::with_capacity(WRITE_BATCH);
+        while !stopping(stop) {
+            let Some(mut con) = self.con.take(stop) else {
+                continue;
+            };
+            let result = if batch.is_empty() {
+                match next_batch(&self.queue, stop, &mut batch, &mut self.next_seq) {
+                    Next::Stop => break,
+                    Next::Idle => ::redis::cmd("PING").exec(&mut con).map_err(Failure::from),
+                    Next::Batch => Ok(()),
+                }
+            } else if !self.link.seeded.load(Ordering::Relaxed) {
+                // Not before the reader has seeded; see the module's notes.
+                let _ = stop.recv_timeout(Duration::from_millis(20));
+                Ok(())
+            } else {
+                let added = add(&mut con, &self.key, self.window, self.node, &batch);
+                if added.is_ok() {
+                    batch.clear();
+                }
+                added.map_err(Failure::from)
+            };
+            if !self.con.settle(con, result, stop) {
+                break;
+            }
+        }
+        let unsent = batch.len() + self.queue.len();
+        if unsent > 0 {
+            warn!("{unsent} messages were not sent to Redis: the server is stopping");
+        }
+        debug!("redis writer stopped");
+    }
+}
+
+enum Next {
+    /// Told to stop, or every sender is gone.
+    Stop,
+    /// Nothing to send for a while.
+    Idle,
+    /// `batch` has messages.
+    Batch,
+}
+
+/// Wait for the next message, then take what else is waiting, up to a batch.
+fn next_batch(
+    queue: &Receiver<String>,
+    stop: &Receiver<()>,
+    batch: &mut Vec<(u64, String)>,
+    next_seq: &mut u64,
+) -> Next {
+    let mut push = |text| {
+        *next_seq += 1;
+        batch.push((*next_seq, text));
+    };
+    crossbeam_channel::select! {
+        recv(queue) -> text => match text {
+            Ok(text) => push(text),
+            Err(_) => return Next::Stop,
+        },
+        recv(stop) -> _ => return Next::Stop,
+        default(IDLE_PING) => return Next::Idle,
+    }
+    for text in queue.try_iter().take(WRITE_BATCH - 1) {
+        push(text);
+    }
+    Next::Batch
+}
+
+/// `XADD` every message of `batch`, in order, in one pipeline.
+fn add(
+    con: &mut Connection,
+    key: &str,
+    window: u64,
+    node: u64,
+    batch: &[(u64, String)],
+) -> Result<(), RedisError> {
+    let mut pipe = ::redis::pipe();
+    for (seq, text) in batch {
+        pipe.cmd("XADD")
+            .arg(key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(window)
+            .arg("*")
+            .arg(&entry::fields(node, *seq, text))
+            .ignore();
+    }
+    pipe.exec(con)
+}
+
+struct Reader {
+    con: Redis,
+    key: String,
+    history: usize,
+    /// Longer entries (not from a node of ours) are skipped.
+    max_text: usize,
+    events: Events<PeerOutlet>,
+    link: Arc<Link>,
+    metrics: Arc<Metrics>,
+    /// The ID of the last entry delivered; `None` until the first seed.
+    last: Option<String>,
+    dedupe: Dedupe,
+}
+
+/// Whether the reader goes on.
+enum Flow {
+    Go,
+    /// The dispatcher is gone.
+    Stop,
+}
+
+impl Reader {
+    fn run(mut self, stop: &Receiver<()>) {
+        while !stopping(stop) {
+            let Some(mut con) = self.con.take(stop) else {
+                continue;
+            };
+            let result = match self.last.clone() {
+                None => self.seed(&mut con, false),
+                Some(last) => self.read(&mut con, &last),
+            };
+            let result = match result {
+                Ok(Flow::Stop) => break,
+                Ok(Flow::Go) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if !self.con.settle(con, result, stop) {
+                break;
+            }
+        }
+        debug!("redis reader stopped");
+    }
+
+    /// Take the history from the stream's newest entries and read on after them. With
+    /// `lost`, Redis no longer has what this node delivered last: restart the clients.
+    fn seed(&mut self, con: &mut Connection, lost: bool) -> Result<Flow, Failure> {
+        let reply: Value = ::redis::cmd("XREVRANGE")
+            .arg(&self.key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(self.history.max(1))
+            .query(con)?;
+        let newest_first = entry::entries(reply)?;
+        let newest = newest_first.first().map(|item| match item {
+            Ok(entry) => entry.id.clone(),
+            Err((id, _)) => id.clone(),
+        });
+        self.last = Some(newest.unwrap_or_else(|| "0-0".to_string()));
+        let mut frames: Vec<Frame> = newest_first
+            .into_iter()
+            .rev()
+            .filter_map(|item| self.accept(item))
+            .collect();
+        frames.drain(..frames.len().saturating_sub(self.history));
+        if self.events.send(Event::Reseed { frames, lost }).is_err() {
+            return Ok(Flow::Stop);
+        }
+        self.link.seeded.store(true, Ordering::Relaxed);
+        Ok(Flow::Go)
+    }
+
+    /// Wait for entries after `last` and deliver them, unless Redis has lost `last`.
+    fn read(&mut self, con: &mut Connection, last: &str) -> Result<Flow, Failure> {
+        // Before the first entry there is nothing to have lost.
+        let check = last != "0-0";
+        let mut pipe = ::redis::pipe();
+        if check {
+            pipe.cmd("XRANGE").arg(&self.key).arg(last).arg(last);
+        }
+        pipe.cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(last);
+        let mut replies: Vec<Value> = pipe.query(con)?;
+        let read = replies.pop().unwrap_or(Value::Nil);
+        if check && matches!(replies.pop(), Some(Value::Array(found)) if found.is_empty()) {
+            error!(
+                "Redis no longer has entry {last} of stream {:?}, the last this node \
+                 delivered: Redis restarted empty, or this node was away for longer than \
+                 --redis-window messages. Messages may have been lost in between, so this \
+                 node's clients are restarted (1012) and will see the room's history as \
+                 Redis has it now",
+                self.key
+            );
+            self.metrics.redis_resets.inc();
+            return self.seed(con, true);
+        }
+        let mut newest_millis = None;
+        for item in entry::read_reply(read)? {
+            let id = match &item {
+                Ok(entry) => {
+                    newest_millis = entry.millis();
+                    entry.id.clone()
+                }
+                Err((id, _)) => id.clone(),
+            };
+            self.metrics.redis_entries_read.inc();
+            self.last = Some(id);
+            if let Some(frame) = self.accept(item)
+                && self.events.send(Event::Broadcast(frame)).is_err()
+            {
+                return Ok(Flow::Stop);
+            }
+        }
+        if let Some(millis) = newest_millis {
+            self.metrics.redis_lag(millis);
+        }
+        Ok(Flow::Go)
+    }
+
+    /// The frame to deliver for a stream entry; `None` for a repeat or an entry that is
+    /// not a chat message of ours.
+    fn accept(&mut self, item: Item) -> Option<Frame> {
+        match item {
+            Ok(entry) if entry.text.len() > self.max_text => {
+                warn!("skipped stream entry {}: its text is too long", entry.id);
+                None
+            }
+            Ok(entry) if !self.dedupe.is_new(entry.origin) => {
+                self.metrics.redis_duplicates.inc();
+                debug!(
+                    "dropped stream entry {}: a repeat of a retried XADD",
+                    entry.id
+                );
+                None
+            }
+            Ok(entry) => Some(message::text("", &entry.text)),
+            Err((id, Malformed(why))) => {
+                warn!("skipped stream entry {id}: {why}");
+                None
+            }
+        }
+    }
+}

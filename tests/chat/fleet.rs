@@ -1,0 +1,457 @@
+//! A fleet on a real `redis-server`: each test starts its own on a free port, without
+//! persistence, and stops it. Without redis-server the tests skip (and fail under CI=true).
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Instant;
+
+use broadcast_chat::{RedisConfig, Server, ServerConfig};
+use openmetrics_parser::OpenMetricsValue;
+use openmetrics_parser::openmetrics::parse_openmetrics;
+use tungstenite::{Bytes, Message};
+
+use crate::support::*;
+
+const REDIS: &str = "/usr/bin/redis-server";
+
+/// A redis-server of the test's own, killed when dropped.
+struct Redis {
+    proc: Option<Proc>,
+    port: u16,
+    url: String,
+}
+
+impl Redis {
+    /// A fresh server, or `None` (and why, on stderr) to skip. Under `CI=true` a missing
+    /// redis-server fails the test.
+    fn start() -> Option<Redis> {
+        if !std::path::Path::new(REDIS).exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but there is no {REDIS}; .ci/run installs Debian's redis-server"
+            );
+            eprintln!("fleet test skipped: no {REDIS} (apt-get install redis-server)");
+            return None;
+        }
+        let port = free_port();
+        let mut redis = Redis {
+            proc: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        redis.spawn();
+        Some(redis)
+    }
+
+    fn spawn(&mut self) {
+        let proc = Proc::spawn(
+            Command::new(REDIS)
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--enable-debug-command", "yes"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        );
+        self.proc = Some(proc);
+        let deadline = Instant::now() + WAIT;
+        while self.try_ping().is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            thread::sleep(ms(10));
+        }
+    }
+
+    fn try_ping(&self) -> redis::RedisResult<()> {
+        redis::cmd("PING").exec(&mut self.try_connect()?)
+    }
+
+    fn try_connect(&self) -> redis::RedisResult<redis::Connection> {
+        let con = redis::Client::open(self.url.as_str())?.get_connection_with_timeout(WAIT)?;
+        con.set_read_timeout(Some(WAIT))?;
+        Ok(con)
+    }
+
+    fn connect(&self) -> redis::Connection {
+        self.try_connect().expect("connect to redis-server")
+    }
+
+    fn run(&self, args: &[&str]) {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.exec(&mut self.connect())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+
+    /// Kill it outright, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.child.kill().expect("kill redis-server");
+            proc.wait();
+        }
+    }
+
+    /// A new, empty redis-server on the same port.
+    fn restart_empty(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A node of the fleet, with flood control off; returned once it says it is healthy.
+    fn node(&self) -> Server {
+        let node = unthrottled(ServerConfig::default().redis(Some(RedisConfig::new(&self.url))));
+        healthy(node.local_addr());
+        node
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+fn healthy(addr: SocketAddr) {
+    eventually("/healthz to say 200", || get(addr, "/healthz").0 == 200);
+}
+
+/// The next `count` texts `ws` receives.
+fn texts(ws: &mut Ws, count: usize) -> Vec<String> {
+    (0..count).map(|_| recv_text(ws)).collect()
+}
+
+/// Texts until (and including) the first that ends with `last`.
+fn texts_until(ws: &mut Ws, last: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let text = recv_text(ws);
+        let done = text.ends_with(last);
+        seen.push(text);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[test]
+fn a_message_on_one_node_reaches_clients_on_the_others_tagged_with_its_sender() {
+    let Some(redis) = Redis::start() else { return };
+    let nodes = [redis.node(), redis.node(), redis.node()];
+    let (mut alice, alice_tag) = join(nodes[0].local_addr());
+    let (mut bob, _) = join(nodes[1].local_addr());
+    let (mut carol, _) = join(nodes[2].local_addr());
+    send(&mut alice, "hello, fleet");
+    let expected = format!("{alice_tag}: hello, fleet");
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(recv_text(ws), expected);
+    }
+}
+
+#[test]
+fn every_client_on_every_node_receives_one_identical_sequence() {
+    let Some(redis) = Redis::start() else { return };
+    let nodes = [redis.node(), redis.node(), redis.node()];
+    const EACH: usize = 100;
+    let mut listeners: Vec<Ws> = nodes.iter().map(|n| join(n.local_addr()).0).collect();
+    let senders: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let (mut ws, tag) = join(node.local_addr());
+            thread::spawn(move || {
+                for n in 0..EACH {
+                    send(&mut ws, &format!("node {i} message {n}"));
+                }
+                (ws, tag)
+            })
+        })
+        .collect();
+    let mut senders: Vec<(Ws, String)> = senders
+        .into_iter()
+        .map(|s| s.join().expect("sender"))
+        .collect();
+    let total = EACH * nodes.len();
+    let reference = texts(&mut listeners[0], total);
+    for (i, (_, tag)) in senders.iter().enumerate() {
+        let own: Vec<&String> = reference.iter().filter(|t| t.starts_with(tag)).collect();
+        let expected: Vec<String> = (0..EACH)
+            .map(|n| format!("{tag}: node {i} message {n}"))
+            .collect();
+        assert_eq!(own, expected.iter().collect::<Vec<_>>(), "{tag} in order");
+    }
+    let others = listeners[1..]
+        .iter_mut()
+        .chain(senders.iter_mut().map(|(ws, _)| ws));
+    for ws in others {
+        assert_eq!(texts(ws, total), reference, "one order on every node");
+    }
+}
+
+#[test]
+fn a_node_started_later_shows_the_same_history_as_the_others() {
+    let Some(redis) = Redis::start() else { return };
+    let first = redis.node();
+    let (mut sender, tag) = join(first.local_addr());
+    for n in 0..20 {
+        send(&mut sender, &format!("m{n}"));
+    }
+    texts_until(&mut sender, ": m19");
+    let later = redis.node();
+    let history = |addr| {
+        let (mut ws, _) = join(addr);
+        texts(&mut ws, 16)
+    };
+    let expected: Vec<String> = (4..20).map(|n| format!("{tag}: m{n}")).collect();
+    assert_eq!(history(later.local_addr()), expected);
+    assert_eq!(history(first.local_addr()), expected);
+}
+
+#[test]
+fn killed_connections_and_a_sleeping_redis_lose_nothing_and_repeat_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (redis.node(), redis.node());
+    let (mut sender, tag) = join(a.local_addr());
+    let (mut far, _) = join(b.local_addr());
+    let (mut near, _) = join(a.local_addr());
+    let mut sent = 0;
+    let mut burst = |sender: &mut Ws, count: usize| {
+        for _ in 0..count {
+            send(sender, &format!("n{sent}"));
+            sent += 1;
+        }
+    };
+    burst(&mut sender, 100);
+    redis.run(&["CLIENT", "KILL", "TYPE", "normal"]);
+    burst(&mut sender, 100);
+    redis.run(&["CLIENT", "PAUSE", "500", "ALL"]);
+    burst(&mut sender, 100);
+
+    // Redis asleep: the nodes cannot reach it, but they still answer their clients.
+    let asleep = Arc::new(AtomicBool::new(true));
+    let sleeper = {
+        let (asleep, mut con) = (Arc::clone(&asleep), redis.connect());
+        thread::spawn(move || {
+            let slept = redis::cmd("DEBUG").arg("SLEEP").arg(2).exec(&mut con);
+            asleep.store(false, Ordering::SeqCst);
+            slept.expect("DEBUG SLEEP");
+        })
+    };
+    let probe = redis.connect();
+    probe.set_read_timeout(Some(ms(100))).expect("timeout");
+    let mut probe = probe;
+    eventually("redis to be asleep", || {
+        redis::cmd("PING").exec(&mut probe).is_err()
+    });
+    burst(&mut sender, 100);
+    far.send(Message::Ping(Bytes::from_static(b"still there?")))
+        .expect("ping");
+    let mut early = Vec::new();
+    loop {
+        match far.read().expect("a pong while Redis sleeps") {
+            Message::Pong(payload) => {
+                assert_eq!(&payload[..], b"still there?");
+                break;
+            }
+            Message::Text(text) => early.push(text.to_string()),
+            Message::Ping(_) => {}
+            other => panic!("expected the pong, got {other:?}"),
+        }
+    }
+    assert!(asleep.load(Ordering::SeqCst), "answered while Redis slept");
+    sleeper.join().expect("sleeper");
+
+    burst(&mut sender, 1);
+    let expected: Vec<String> = (0..sent).map(|n| format!("{tag}: n{n}")).collect();
+    early.extend(texts(&mut far, sent - early.len()));
+    assert_eq!(early, expected, "every message once, in order");
+    for ws in [&mut near, &mut sender] {
+        assert_eq!(texts(ws, sent), expected, "every message once, in order");
+    }
+    send(&mut sender, "end");
+    assert_eq!(recv_text(&mut far), format!("{tag}: end"), "no repeats");
+}
+
+#[test]
+fn redis_restarted_empty_restarts_the_clients_with_1012_and_chat_goes_on() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let (a, b) = (redis.node(), redis.node());
+    let (mut alice, alice_tag) = join(a.local_addr());
+    let (mut bob, _) = join(b.local_addr());
+    send(&mut alice, "before");
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(recv_text(ws), format!("{alice_tag}: before"));
+    }
+
+    redis.kill();
+    eventually("/healthz to say 503 with the Redis link down", || {
+        let (status, body) = get(a.local_addr(), "/healthz");
+        status == 503 && body.contains("the Redis link is down")
+    });
+    send(&mut alice, "while Redis was down");
+    redis.restart_empty();
+
+    for ws in [&mut alice, &mut bob] {
+        let (code, reason, _) = recv_until_close(ws);
+        assert_eq!(
+            (code, reason.as_str()),
+            (1012, "service restart: reconnect")
+        );
+    }
+    healthy(a.local_addr());
+    healthy(b.local_addr());
+    let (mut alice, alice_tag) = join(a.local_addr());
+    let (mut bob, _) = join(b.local_addr());
+    send(&mut alice, "after");
+    let seen = texts_until(&mut bob, ": after");
+    assert!(
+        seen.contains(&format!("{alice_tag}: after")),
+        "the new connection chats: {seen:?}"
+    );
+    let old = seen
+        .iter()
+        .filter(|t| t.ends_with(": while Redis was down"));
+    assert_eq!(
+        old.count(),
+        1,
+        "the message sent while Redis was down: {seen:?}"
+    );
+}
+
+#[test]
+fn a_node_whose_redis_is_unreachable_starts_reports_503_and_joins_when_redis_comes() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let node = unthrottled(ServerConfig::default().redis(Some(RedisConfig::new(&url))));
+    let (status, body) = get(node.local_addr(), "/healthz");
+    assert_eq!(status, 503);
+    assert!(body.contains("the Redis link is down"), "{body}");
+    let (mut early, tag) = join(node.local_addr());
+    send(&mut early, "waiting for Redis");
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    redis.kill();
+    redis.port = port;
+    redis.url = url;
+    redis.spawn();
+    healthy(node.local_addr());
+    assert_eq!(recv_text(&mut early), format!("{tag}: waiting for Redis"));
+}
+
+/// The value of the sample of `family` with `labels`, from a parsed exposition.
+fn sample(text: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
+    let exposition = parse_openmetrics(text).unwrap_or_else(|e| panic!("{e:?} in\n{text}"));
+    let family = exposition
+        .families
+        .get(family)
+        .unwrap_or_else(|| panic!("no family {family} in\n{text}"));
+    let found = family.iter_samples().find(|s| {
+        let set = s.get_labelset().expect("labels");
+        labels
+            .iter()
+            .all(|(name, value)| set.get_label_value(name) == Some(*value))
+    });
+    match found.map(|s| &s.value) {
+        Some(OpenMetricsValue::Counter(c)) => c.value.as_f64(),
+        Some(OpenMetricsValue::Gauge(g)) => g.as_f64(),
+        other => panic!("{other:?} for {family:?} {labels:?}"),
+    }
+}
+
+#[test]
+fn metrics_parse_as_openmetrics_and_count_the_fleet() {
+    let Some(redis) = Redis::start() else { return };
+    let node = redis.node();
+    let addr = node.local_addr();
+    let metrics = || {
+        let (status, body) = get(addr, "/metrics");
+        assert_eq!(status, 200);
+        body
+    };
+    let before = metrics();
+    assert_eq!(
+        sample(
+            &before,
+            "broadcast_chat_redis_link_up",
+            &[("link", "reader")]
+        ),
+        1.0
+    );
+    let (mut ws, tag) = join(addr);
+    for n in 0..5 {
+        send(&mut ws, &format!("m{n}"));
+    }
+    assert_eq!(texts(&mut ws, 5).last(), Some(&format!("{tag}: m4")));
+    let after = metrics();
+    let moved = |family: &str| sample(&after, family, &[]) - sample(&before, family, &[]);
+    assert_eq!(moved("broadcast_chat_messages_received"), 5.0);
+    assert_eq!(moved("broadcast_chat_redis_entries_read"), 5.0);
+    assert_eq!(moved("broadcast_chat_messages_broadcast"), 5.0);
+    assert!(moved("broadcast_chat_deliveries") >= 5.0);
+    assert!(moved("broadcast_chat_bytes_written") > 0.0);
+    assert_eq!(sample(&after, "broadcast_chat_clients", &[]), 1.0);
+    redis.run(&["CLIENT", "KILL", "TYPE", "normal"]);
+    send(&mut ws, "after the kill");
+    recv_text(&mut ws);
+    eventually("a reconnect to be counted", || {
+        sample(
+            &metrics(),
+            "broadcast_chat_redis_reconnects",
+            &[("link", "reader")],
+        ) >= 1.0
+    });
+}
+
+#[test]
+fn a_lone_node_serves_metrics_without_the_page_and_counts_closes() {
+    let server = server(ServerConfig::default().web(false));
+    let addr = server.local_addr();
+    let (mut ws, _) = join(addr);
+    close(
+        &mut ws,
+        tungstenite::protocol::frame::coding::CloseCode::Normal,
+    );
+    recv_until_close(&mut ws);
+    let (status, _) = get(addr, "/nothing-here");
+    assert_eq!(status, 404);
+    eventually("the close and the refusal to be counted", || {
+        let (status, body) = get(addr, "/metrics");
+        assert_eq!(status, 200);
+        sample(
+            &body,
+            "broadcast_chat_clients_closed",
+            &[("reason", "client")],
+        ) == 1.0
+            && sample(
+                &body,
+                "broadcast_chat_handshakes_refused",
+                &[("reason", "bad_request")],
+            ) >= 1.0
+    });
+}
+
+#[test]
+fn shutdown_with_redis_away_does_not_wait_for_it() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let node = redis.node();
+    let (mut ws, _) = join(node.local_addr());
+    redis.kill();
+    eventually("/healthz to say 503", || {
+        get(node.local_addr(), "/healthz").0 == 503
+    });
+    for n in 0..10 {
+        send(&mut ws, &format!("stuck {n}"));
+    }
+    let (done, stopped) = crossbeam_channel::bounded(1);
+    thread::spawn(move || done.send(node.shutdown().is_ok()));
+    let (code, _, _) = recv_until_close(&mut ws);
+    let clean = stopped.recv_timeout(WAIT).expect("shutdown ends");
+    assert!(clean, "a clean shutdown");
+    assert_eq!(code, 1001);
+}
