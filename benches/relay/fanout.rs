@@ -7,6 +7,7 @@
 //! the harness spends its CPU on reading, which keeps it from saturating before the server.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::Target;
@@ -48,9 +49,22 @@ pub fn run(
     window: usize,
     duration: Duration,
 ) -> io::Result<Fanout> {
+    between(target.addr, target, receivers, window, duration)
+}
+
+/// As [`run`], with the sender connected to `sender` (another node of a fleet) and the
+/// receivers to `target`.
+pub fn between(
+    sender: SocketAddr,
+    target: &Target,
+    receivers: usize,
+    window: usize,
+    duration: Duration,
+) -> io::Result<Fanout> {
     let mut all = (0..=receivers)
-        .map(|_| {
-            let conn = Conn::open(target.addr, Duration::from_secs(10))?;
+        .map(|i| {
+            let addr = if i == 0 { sender } else { target.addr };
+            let conn = Conn::open(addr, Duration::from_secs(10))?;
             Ok(Receiver {
                 conn,
                 next: 0,

@@ -10,6 +10,7 @@
 //! `docs/bench.svg` from the results collected so far.
 
 mod fanout;
+mod fleet;
 mod procfs;
 mod report;
 mod scale;
@@ -54,6 +55,12 @@ struct Args {
     /// Redraw docs/bench.svg from target/bench/results.jsonl and exit
     #[arg(long)]
     chart: bool,
+    /// Run the fleet scenario alone on the Redis at this URL (redis://HOST:PORT): a lone
+    /// node against a node with Redis, and latency from a sender on one node to receivers
+    /// on another. The harness starts the nodes and uses a stream key of its own, deleted
+    /// afterwards; it never starts or stops Redis
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     /// Passed by `cargo bench`; ignored
     #[arg(long, hide = true)]
     bench: bool,
@@ -97,10 +104,18 @@ fn main() {
         std::process::exit(2);
     }
     let pinned = pin_self();
+    let seconds = args.seconds.unwrap_or(if args.quick { 0.3 } else { 3.0 });
+    if let Some(url) = &args.redis {
+        let mut out = report::Report::new("broadcast-chat", args.quick);
+        fleet::run(url, pinned, Duration::from_secs_f64(seconds), &mut out);
+        out.finish();
+        return;
+    }
     let (target, _own) = match &args.url {
         Some(url) => (external(url, &args), None),
         None => {
-            let (target, child) = start_own(pinned, !soak_only);
+            let options: &[&str] = if soak_only { &[] } else { &["--rate", "0"] };
+            let (target, child) = start_own(pinned, options, "broadcast-chat");
             (target, Some(child))
         }
     };
@@ -125,7 +140,6 @@ fn main() {
         ([], false) => vec![1, 10, 100, 1000],
         (list, _) => list.to_vec(),
     };
-    let seconds = args.seconds.unwrap_or(if args.quick { 0.3 } else { 3.0 });
     let run_for = Duration::from_secs_f64(seconds);
     if wants("fanout") {
         for &n in &sizes {
@@ -192,9 +206,9 @@ fn external(url: &str, args: &Args) -> Target {
     }
 }
 
-/// Start the release server on a free port, pinned to CPU 0 when we are pinned to CPU 1,
-/// with flood control off when `unthrottled`.
-fn start_own(pinned: bool, unthrottled: bool) -> (Target, OwnServer) {
+/// Start the release server on a free port with `options`, pinned to CPU 0 when we are
+/// pinned to CPU 1.
+fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer) {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -203,9 +217,7 @@ fn start_own(pinned: bool, unthrottled: bool) -> (Target, OwnServer) {
     let server = env!("CARGO_BIN_EXE_server");
     let bind = addr.to_string();
     let mut server_args = vec!["--bind", bind.as_str(), "--log-level", "warn"];
-    if unthrottled {
-        server_args.extend(["--rate", "0"]);
-    }
+    server_args.extend(options);
     let mut command = if pinned {
         let mut c = Command::new("taskset");
         c.args(["-c", "0", server]).args(&server_args);
@@ -233,7 +245,7 @@ fn start_own(pinned: bool, unthrottled: bool) -> (Target, OwnServer) {
         Target {
             addr,
             pid,
-            label: "broadcast-chat".to_string(),
+            label: label.to_string(),
         },
         own,
     )

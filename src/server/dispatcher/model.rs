@@ -318,3 +318,57 @@ fn a_stalled_client_is_closed_with_1008_after_a_prefix() {
     ];
     check(&ops, 16);
 }
+
+/// A fleet's reseed: the new history goes to no current client; joiners get it. With
+/// `lost`, every client is closed with 1012 after all the data before it.
+#[test]
+fn a_reseed_replaces_the_history_and_a_lost_one_restarts_everyone() {
+    let config = ServerConfig::default().history(2);
+    let mut dispatcher = Dispatcher::<MemOutlet>::new(&config, Arc::new(Metrics::new()));
+    let joiner = |dispatcher: &mut Dispatcher<MemOutlet>, id: PeerId| {
+        let wire = Arc::new(Mutex::new(Wire::default()));
+        let outlet = MemOutlet {
+            id,
+            wire: Arc::clone(&wire),
+            room: None,
+        };
+        dispatcher.handle(Event::Join(outlet));
+        wire
+    };
+    let text = |n: u32| message::text("10.0.0.9:9: ", &format!("m{n}"));
+    let early = joiner(&mut dispatcher, 1);
+    dispatcher.handle(Event::Broadcast(text(0)));
+    let seed = vec![text(10), text(11), text(12)];
+    dispatcher.handle(Event::Reseed {
+        frames: seed,
+        lost: false,
+    });
+    dispatcher.handle(Event::Broadcast(text(1)));
+    let late = joiner(&mut dispatcher, 2);
+    dispatcher.handle(Event::Broadcast(text(2)));
+    dispatcher.handle(Event::Reseed {
+        frames: vec![text(20)],
+        lost: true,
+    });
+    let after = joiner(&mut dispatcher, 3);
+    while !dispatcher.is_idle() {
+        dispatcher.visit();
+    }
+    let welcome = message::welcome();
+    assert_eq!(
+        early.lock().frames,
+        [welcome.clone(), text(0), text(1), text(2)],
+        "a client present at a reseed is sent none of it"
+    );
+    assert_eq!(
+        late.lock().frames,
+        [welcome.clone(), text(12), text(1), text(2)],
+        "a joiner gets the last `history` of the reseeded ring"
+    );
+    for wire in [&early, &late] {
+        let close = wire.lock().close.clone().expect("closed");
+        assert_eq!(close_code(&close), 1012);
+    }
+    assert_eq!(after.lock().frames, [welcome, text(20)]);
+    assert!(after.lock().close.is_none(), "a joiner after a reset stays");
+}

@@ -1,0 +1,108 @@
+//! The fleet scenario (`--redis URL`): what the Redis backplane costs.
+//!
+//! On the Redis the user names (the harness never starts or stops one), it starts three
+//! release servers of its own: a lone node, and nodes A and B sharing a stream key unique
+//! to this run (deleted at the end). It then measures, side by side:
+//! - fan-out at N=100 through the lone node and through A, with 8 messages in flight (as
+//!   everywhere else) and with 64, where the extra hops through Redis are not what limits a
+//!   closed loop;
+//! - latency (W=1) from a sender on the lone node to receivers there, and from a sender on
+//!   A to receivers on B;
+//! - Redis's own CPU time over the run (`INFO cpu`) and the stream's memory (`MEMORY USAGE`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::report::Report;
+use crate::{Target, fanout, start_own};
+
+const RECEIVERS: usize = 100;
+const LATENCY_RECEIVERS: usize = 10;
+
+pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
+    let mut redis = match redis::Client::open(url).and_then(|c| c.get_connection()) {
+        Ok(con) => con,
+        Err(e) => {
+            eprintln!("relay: cannot reach Redis at {url}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let key = format!("broadcast-chat-bench-{}", std::process::id());
+    let fleet = ["--rate", "0", "--redis", url, "--redis-key", &key];
+    let (lone, lone_process) = start_own(pinned, &["--rate", "0"], "lone node");
+    let (a, a_process) = start_own(pinned, &fleet, "node A");
+    let (b, b_process) = start_own(pinned, &fleet, "node B");
+    for node in [&a, &b] {
+        if let Err(e) = healthy(node.addr) {
+            eprintln!("relay: {} never became healthy: {e}", node.label);
+            std::process::exit(1);
+        }
+    }
+    println!(
+        "fleet on {url}, stream {key}: lone node pid {}, node A pid {}, node B pid {}; \
+         server options --rate 0 (flood control off)",
+        lone.pid, a.pid, b.pid
+    );
+    let cpu_before = redis_cpu(&mut redis);
+    let runs: [(&str, SocketAddr, &Target, usize, usize); 6] = [
+        ("lone", lone.addr, &lone, RECEIVERS, 8),
+        ("redis", a.addr, &a, RECEIVERS, 8),
+        ("lone", lone.addr, &lone, RECEIVERS, 64),
+        ("redis", a.addr, &a, RECEIVERS, 64),
+        ("lone-lat", lone.addr, &lone, LATENCY_RECEIVERS, 1),
+        ("a-to-b", a.addr, &b, LATENCY_RECEIVERS, 1),
+    ];
+    for (name, sender, target, receivers, window) in runs {
+        match fanout::between(sender, target, receivers, window, duration) {
+            Ok(result) => out.fanout(name, &result),
+            Err(e) => out.failed(name, &e),
+        }
+    }
+    let cpu = redis_cpu(&mut redis) - cpu_before;
+    // Stopped before the stream is deleted, which they would rightly report as data loss.
+    drop((lone_process, a_process, b_process));
+    let memory: redis::RedisResult<Option<u64>> =
+        redis::cmd("MEMORY").arg("USAGE").arg(&key).query(&mut redis);
+    let length: redis::RedisResult<u64> = redis::cmd("XLEN").arg(&key).query(&mut redis);
+    println!(
+        "redis    CPU {cpu:.2} s over the six runs; stream {key}: {} entries, {} bytes",
+        length.map_or_else(|e| e.to_string(), |n| n.to_string()),
+        memory.map_or_else(|e| e.to_string(), |m| m.unwrap_or(0).to_string()),
+    );
+    if let Err(e) = redis::cmd("DEL").arg(&key).exec(&mut redis) {
+        eprintln!("relay: could not delete the stream {key}: {e}");
+    }
+}
+
+/// Redis's CPU seconds so far, user and system, from `INFO cpu`.
+fn redis_cpu(redis: &mut redis::Connection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(redis)
+        .unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Wait until the node's `/healthz` says 200: it has reached Redis.
+fn healthy(addr: SocketAddr) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        if answer.starts_with("HTTP/1.1 200") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(answer));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
