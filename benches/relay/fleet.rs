@@ -63,8 +63,10 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
     let cpu = redis_cpu(&mut redis) - cpu_before;
     // Stopped before the stream is deleted, which they would rightly report as data loss.
     drop((lone_process, a_process, b_process));
-    let memory: redis::RedisResult<Option<u64>> =
-        redis::cmd("MEMORY").arg("USAGE").arg(&key).query(&mut redis);
+    let memory: redis::RedisResult<Option<u64>> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&key)
+        .query(&mut redis);
     let length: redis::RedisResult<u64> = redis::cmd("XLEN").arg(&key).query(&mut redis);
     println!(
         "redis    CPU {cpu:.2} s over the six runs; stream {key}: {} entries, {} bytes",

@@ -158,6 +158,9 @@ fn redis_url(value: &str) -> Result<String, String> {
     if !value.starts_with("redis://") {
         return Err("expected redis://HOST:PORT[/DB]".to_string());
     }
+    if value.contains("protocol=") {
+        return Err("only RESP2, the default, is supported: remove ?protocol=".to_string());
+    }
     value
         .into_connection_info()
         .map(|_| value.to_string())

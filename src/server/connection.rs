@@ -76,11 +76,13 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
             if status < 400 {
                 info!("{} left after HTTP {status}: {detail}", peer.addr);
             } else {
-                context.metrics.refused(match status {
-                    403 => Refused::Origin,
-                    503 => Refused::Full,
-                    _ => Refused::BadRequest,
-                });
+                // A missing page (404) or an unhealthy /healthz (503) is no refused
+                // handshake; a full chat is counted where the upgrade is refused.
+                match status {
+                    403 => context.metrics.refused(Refused::Origin),
+                    404 | 503 => {}
+                    _ => context.metrics.refused(Refused::BadRequest),
+                }
                 info!("{} refused with HTTP {status}: {detail}", peer.addr);
             }
             close_gracefully(&peer.stream, LINGER);

@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 
 use super::admission::Slot;
 use super::connection::Context;
+use super::metrics::Refused;
 use super::origin::Origins;
 use super::web::Site;
 
@@ -109,7 +110,10 @@ pub(crate) fn handshake<'a>(
                     let leftover = buf[len..].to_vec();
                     return Ok(Outcome::Upgraded { leftover, slot });
                 }
-                None => Response::error(503, "the chat is full; try again later".into()),
+                None => {
+                    context.metrics.refused(Refused::Full);
+                    Response::error(503, "the chat is full; try again later".into())
+                }
             },
         };
         write_before(stream, deadline, &response.to_bytes())?;

@@ -495,7 +495,10 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
 
 fn write_failed(peer: &Peer, write: &mut Writing, e: &io::Error) {
     if e.kind() == io::ErrorKind::TimedOut {
-        peer.metrics.closed(Closed::Stalled);
+        // A client already being closed (as a slow consumer, say) was counted then.
+        if write.state.takes_data() {
+            peer.metrics.closed(Closed::Stalled);
+        }
         let waited = peer
             .stream
             .write_timeout()

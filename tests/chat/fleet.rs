@@ -17,12 +17,16 @@ use crate::support::*;
 
 const REDIS: &str = "/usr/bin/redis-server";
 
-/// A redis-server of the test's own, killed when dropped.
+/// A redis-server of the test's own, killed when dropped, and a stream key of the test's
+/// own, so that tests never share a room even if they ever share a server.
 struct Redis {
     proc: Option<Proc>,
     port: u16,
     url: String,
+    key: String,
 }
+
+static KEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Redis {
     /// A fresh server, or `None` (and why, on stderr) to skip. Under `CI=true` a missing
@@ -41,6 +45,7 @@ impl Redis {
             proc: None,
             port,
             url: format!("redis://127.0.0.1:{port}"),
+            key: format!("test-{}", KEYS.fetch_add(1, Ordering::Relaxed)),
         };
         redis.spawn();
         Some(redis)
@@ -61,6 +66,12 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             thread::sleep(ms(10));
         }
+        let ours = self.proc.as_mut().map(|p| p.child.try_wait());
+        assert!(
+            matches!(ours, Some(Ok(None))),
+            "our redis-server exited: is port {} taken by another?",
+            self.port
+        );
     }
 
     fn try_ping(&self) -> redis::RedisResult<()> {
@@ -102,7 +113,8 @@ impl Redis {
 
     /// A node of the fleet, with flood control off; returned once it says it is healthy.
     fn node(&self) -> Server {
-        let node = unthrottled(ServerConfig::default().redis(Some(RedisConfig::new(&self.url))));
+        let redis = RedisConfig::new(&self.url).key(&self.key);
+        let node = unthrottled(ServerConfig::default().redis(Some(redis)));
         healthy(node.local_addr());
         node
     }
@@ -337,6 +349,7 @@ fn a_node_whose_redis_is_unreachable_starts_reports_503_and_joins_when_redis_com
     redis.kill();
     redis.port = port;
     redis.url = url;
+    redis.key = "broadcast-chat".to_string();
     redis.spawn();
     healthy(node.local_addr());
     assert_eq!(recv_text(&mut early), format!("{tag}: waiting for Redis"));
@@ -386,12 +399,48 @@ fn metrics_parse_as_openmetrics_and_count_the_fleet() {
         send(&mut ws, &format!("m{n}"));
     }
     assert_eq!(texts(&mut ws, 5).last(), Some(&format!("{tag}: m4")));
+
+    // A retried XADD whose first reply was lost: the same entry twice in the stream.
+    let mut con = redis.connect();
+    let newest: redis::Value = redis::cmd("XREVRANGE")
+        .arg(&redis.key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut con)
+        .expect("XREVRANGE");
+    let redis::Value::Array(entries) = newest else {
+        panic!("{newest:?}")
+    };
+    let Some(redis::Value::Array(entry)) = entries.first() else {
+        panic!("{entries:?}")
+    };
+    let Some(redis::Value::Array(fields)) = entry.get(1) else {
+        panic!("{entry:?}")
+    };
+    let mut again = redis::cmd("XADD");
+    again.arg(&redis.key).arg("*");
+    for field in fields {
+        let redis::Value::BulkString(bytes) = field else {
+            panic!("{field:?}")
+        };
+        again.arg(bytes.as_slice());
+    }
+    again.exec(&mut con).expect("XADD the repeat");
+    send(&mut ws, "m5");
+    assert_eq!(
+        recv_text(&mut ws),
+        format!("{tag}: m5"),
+        "the repeat is dropped"
+    );
     let after = metrics();
     let moved = |family: &str| sample(&after, family, &[]) - sample(&before, family, &[]);
-    assert_eq!(moved("broadcast_chat_messages_received"), 5.0);
-    assert_eq!(moved("broadcast_chat_redis_entries_read"), 5.0);
-    assert_eq!(moved("broadcast_chat_messages_broadcast"), 5.0);
-    assert!(moved("broadcast_chat_deliveries") >= 5.0);
+    assert_eq!(moved("broadcast_chat_messages_received"), 6.0);
+    assert_eq!(moved("broadcast_chat_redis_entries_read"), 7.0);
+    assert_eq!(moved("broadcast_chat_redis_duplicates_dropped"), 1.0);
+    assert_eq!(moved("broadcast_chat_messages_broadcast"), 6.0);
+    assert!(moved("broadcast_chat_deliveries") >= 6.0);
     assert!(moved("broadcast_chat_bytes_written") > 0.0);
     assert_eq!(sample(&after, "broadcast_chat_clients", &[]), 1.0);
     redis.run(&["CLIENT", "KILL", "TYPE", "normal"]);
@@ -416,21 +465,30 @@ fn a_lone_node_serves_metrics_without_the_page_and_counts_closes() {
         tungstenite::protocol::frame::coding::CloseCode::Normal,
     );
     recv_until_close(&mut ws);
-    let (status, _) = get(addr, "/nothing-here");
-    assert_eq!(status, 404);
+    assert_eq!(
+        get(addr, "/nothing-here").0,
+        404,
+        "a missing page is no refusal"
+    );
+    let (status, _, _) = ask(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    assert!(status.contains("400"), "{status}");
     eventually("the close and the refusal to be counted", || {
         let (status, body) = get(addr, "/metrics");
         assert_eq!(status, 200);
-        sample(
+        let closed = sample(
             &body,
             "broadcast_chat_clients_closed",
             &[("reason", "client")],
-        ) == 1.0
-            && sample(
-                &body,
-                "broadcast_chat_handshakes_refused",
-                &[("reason", "bad_request")],
-            ) >= 1.0
+        );
+        let refused = sample(
+            &body,
+            "broadcast_chat_handshakes_refused",
+            &[("reason", "bad_request")],
+        );
+        closed == 1.0 && refused == 1.0
     });
 }
 

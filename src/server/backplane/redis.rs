@@ -38,9 +38,15 @@ use crate::server::metrics::{Link as LinkName, Metrics};
 use crate::server::peer::PeerOutlet;
 
 /// Messages that may wait for the writer. Past this, connection threads wait. At the
-/// largest message size this is 256 MiB in the worst case; chat lines make it well under
-/// a megabyte, and several seconds of a busy room.
+/// default largest message (64 KiB) this is 256 MiB in the worst case, and more with a
+/// larger `--max-message-size`; chat lines make it well under a megabyte, and several
+/// seconds of a busy room.
 const WRITER_QUEUE: usize = 4096;
+
+/// The longest entry text delivered: the largest `--max-message-size` and the longest
+/// sender tag (a scoped IPv6 address). It does not depend on this node's own limit, so
+/// that nodes configured differently still deliver the same sequence.
+const MAX_ENTRY: usize = 16 * 1024 * 1024 + 128;
 
 /// Entries sent in one pipeline, at most.
 const WRITE_BATCH: usize = 256;
@@ -143,7 +149,9 @@ impl Fleet {
         };
         info!(
             "a node of the fleet on {} (stream {:?}, node {:016x})",
-            redis.url, redis.key, writer.node
+            redacted(&redis.url),
+            redis.key,
+            writer.node
         );
         let reader = Reader {
             con: Redis::new(
@@ -155,7 +163,6 @@ impl Fleet {
             ),
             key: redis.key.clone(),
             history: config.history,
-            max_text: config.max_message_size.saturating_add(64),
             events,
             link: Arc::clone(&link),
             metrics: Arc::clone(metrics),
@@ -197,13 +204,28 @@ impl Fleet {
 /// A Redis client for `url`, with `TCP_NODELAY`: the writer's small pipelines must not
 /// wait for the previous reply's acknowledgement.
 fn client(url: &str) -> Result<Client> {
-    let invalid = |e: RedisError| Error::Redis {
-        url: url.to_string(),
-        reason: e.to_string(),
+    let invalid = |reason: String| Error::Redis {
+        url: redacted(url),
+        reason,
     };
-    let info = url.into_connection_info().map_err(invalid)?;
+    if url.contains("protocol=") {
+        return Err(invalid("only RESP2, the default, is supported".to_string()));
+    }
+    let info = url
+        .into_connection_info()
+        .map_err(|e| invalid(e.to_string()))?;
     let tcp = info.tcp_settings().clone().set_nodelay(true);
-    Client::open(info.set_tcp_settings(tcp)).map_err(invalid)
+    Client::open(info.set_tcp_settings(tcp)).map_err(|e| invalid(e.to_string()))
+}
+
+/// `url` without its password, for the log.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// A random 64-bit number, from the standard library's per-process random keys.
@@ -298,6 +320,7 @@ impl Redis {
                     self.metrics.redis_reconnected(self.name);
                 }
                 self.ever_connected = true;
+                self.up();
                 Some(con)
             }
             Err(e) => {
@@ -308,16 +331,24 @@ impl Redis {
         }
     }
 
+    /// A connection that has answered a `PING`, so that `/healthz` can say the link is up
+    /// at once rather than at the first real command.
     fn connect(&self) -> Result<Connection, RedisError> {
-        let con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        let mut con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
         con.set_read_timeout(Some(self.reply_timeout))?;
         con.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        ::redis::cmd("PING").exec(&mut con)?;
         Ok(con)
     }
 
-    /// A command on `con` worked: keep it, and the link is up.
+    /// A command on `con` worked: keep it.
     fn worked(&mut self, con: Connection) {
         self.con = Some(con);
+        self.up();
+    }
+
+    /// The link works.
+    fn up(&mut self) {
         if let Some(since) = self.down_since.take() {
             info!(
                 "the Redis {} link is back after {:.1} s",
@@ -472,7 +503,10 @@ fn add(
     node: u64,
     batch: &[(u64, String)],
 ) -> Result<(), RedisError> {
+    // All or nothing: were one XADD in the middle refused (out of memory, say), a retry of
+    // the whole batch would put it after the later ones, where readers take it for a repeat.
     let mut pipe = ::redis::pipe();
+    pipe.atomic();
     for (seq, text) in batch {
         pipe.cmd("XADD")
             .arg(key)
@@ -490,8 +524,6 @@ struct Reader {
     con: Redis,
     key: String,
     history: usize,
-    /// Longer entries (not from a node of ours) are skipped.
-    max_text: usize,
     events: Events<PeerOutlet>,
     link: Arc<Link>,
     metrics: Arc<Metrics>,
@@ -531,14 +563,22 @@ impl Reader {
 
     /// Take the history from the stream's newest entries and read on after them. With
     /// `lost`, Redis no longer has what this node delivered last: restart the clients.
+    ///
+    /// It reads a batch's worth more than the history, so that repeats of a retried batch
+    /// and entries of other programs do not make this node's history shorter than the
+    /// others'. After a loss the repeat filter starts afresh: the sequences it remembers
+    /// belong to a stream that is gone.
     fn seed(&mut self, con: &mut Connection, lost: bool) -> Result<Flow, Failure> {
         let reply: Value = ::redis::cmd("XREVRANGE")
             .arg(&self.key)
             .arg("+")
             .arg("-")
             .arg("COUNT")
-            .arg(self.history.max(1))
+            .arg(self.history + WRITE_BATCH)
             .query(con)?;
+        if lost {
+            self.dedupe = Dedupe::default();
+        }
         let newest_first = entry::entries(reply)?;
         let newest = newest_first.first().map(|item| match item {
             Ok(entry) => entry.id.clone(),
@@ -615,8 +655,12 @@ impl Reader {
     /// not a chat message of ours.
     fn accept(&mut self, item: Item) -> Option<Frame> {
         match item {
-            Ok(entry) if entry.text.len() > self.max_text => {
-                warn!("skipped stream entry {}: its text is too long", entry.id);
+            Ok(entry) if entry.text.len() > MAX_ENTRY => {
+                warn!(
+                    "skipped stream entry {}: its text is over {MAX_ENTRY} bytes, longer than \
+                     any node of ours writes",
+                    entry.id
+                );
                 None
             }
             Ok(entry) if !self.dedupe.is_new(entry.origin) => {
