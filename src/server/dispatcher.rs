@@ -105,6 +105,16 @@ pub(crate) struct Dispatcher<O> {
     visits: u32,
     stopping: bool,
     metrics: Arc<Metrics>,
+    /// Counts not yet added to `metrics`: kept here and added once per scan, so that a
+    /// delivery costs no atomic operation.
+    tally: Tally,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    broadcast: u64,
+    deliveries: u64,
+    bytes: u64,
 }
 
 impl<O: Outlet> Dispatcher<O> {
@@ -125,6 +135,7 @@ impl<O: Outlet> Dispatcher<O> {
             visits: 0,
             stopping: false,
             metrics,
+            tally: Tally::default(),
         }
     }
 
@@ -165,17 +176,22 @@ impl<O: Outlet> Dispatcher<O> {
         self.settled >= self.clients.len()
     }
 
-    /// About to sleep: let go of what no client needs any more.
+    /// At the end of a scan or about to sleep: let go of what no client needs any more,
+    /// and bring the metrics up to date.
     fn rest(&mut self) {
         let oldest_needed = self.clients.iter().map(|c| c.next).min();
         self.ring.trim(oldest_needed.unwrap_or(self.ring.head()));
+        let tally = std::mem::take(&mut self.tally);
+        self.metrics.broadcast.inc_by(tally.broadcast);
+        self.metrics.deliveries.inc_by(tally.deliveries);
+        self.metrics.bytes_written.inc_by(tally.bytes);
     }
 
     fn handle(&mut self, event: Event<O>) {
         match event {
             Event::Broadcast(frame) => {
                 self.ring.push(frame);
-                self.metrics.broadcast.inc();
+                self.tally.broadcast += 1;
                 self.settled = 0;
             }
             Event::Reseed { frames, lost } => self.reseed(frames, lost),
@@ -294,7 +310,8 @@ impl<O: Outlet> Dispatcher<O> {
             let frames = self.ring.since(client.next, MAX_BATCH);
             let sent = client.outlet.send(frames);
             if sent == Sent::Done {
-                self.metrics.deliveries.inc_by(frames.len() as u64);
+                self.tally.deliveries += frames.len() as u64;
+                self.tally.bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
             }
             client.next = match sent {
                 Sent::Done => client.next + frames.len() as u64,

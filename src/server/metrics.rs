@@ -164,12 +164,12 @@ impl Metrics {
         );
         r.register(
             "deliveries",
-            "Broadcast messages written or queued to a client",
+            "Broadcast messages written or queued to clients",
             self.deliveries.clone(),
         );
         r.register(
             "bytes_written",
-            "Bytes written to clients' sockets after the handshake",
+            "Bytes of broadcast messages written or queued to clients",
             self.bytes_written.clone(),
         );
         r.register(

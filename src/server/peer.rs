@@ -49,6 +49,8 @@ pub(crate) struct Peer {
     pub(crate) id: PeerId,
     pub(crate) addr: SocketAddr,
     pub(crate) stream: TcpStream,
+    /// For counting a client cut because its output stalled, which only the backlog
+    /// writer sees.
     metrics: Arc<Metrics>,
     born: Instant,
     last_heard_ms: AtomicU64,
@@ -227,10 +229,6 @@ impl Peer {
             match SockRef::from(&self.stream).send_vectored_with_flags(&iov[..n], flags) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-                Ok(written) => {
-                    self.metrics.bytes_written.inc_by(written as u64);
-                    return Ok(written);
-                }
                 result => return result,
             }
         }
@@ -245,10 +243,7 @@ impl Peer {
         while !iov.is_empty() {
             match SockRef::from(&self.stream).send_vectored_with_flags(iov, libc::MSG_NOSIGNAL) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.metrics.bytes_written.inc_by(n as u64);
-                    IoSlice::advance_slices(&mut iov, n);
-                }
+                Ok(n) => IoSlice::advance_slices(&mut iov, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(io::ErrorKind::TimedOut.into());

@@ -142,13 +142,13 @@ impl Fleet {
             ),
             key: redis.key.clone(),
             window: redis.window,
-            node: random(),
+            node: entry::node_field(random()),
             next_seq: 0,
             queue: rx,
             link: Arc::clone(&link),
         };
         info!(
-            "a node of the fleet on {} (stream {:?}, node {:016x})",
+            "a node of the fleet on {} (stream {:?}, node {})",
             redacted(&redis.url),
             redis.key,
             writer.node
@@ -419,7 +419,8 @@ struct Writer {
     con: Redis,
     key: String,
     window: u64,
-    node: u64,
+    /// This node's id, as its entries carry it.
+    node: String,
     next_seq: u64,
     queue: Receiver<String>,
     link: Arc<Link>,
@@ -443,7 +444,7 @@ impl Writer {
                 let _ = stop.recv_timeout(Duration::from_millis(20));
                 Ok(())
             } else {
-                let added = add(&mut con, &self.key, self.window, self.node, &batch);
+                let added = add(&mut con, &self.key, self.window, &self.node, &batch);
                 if added.is_ok() {
                     batch.clear();
                 }
@@ -500,7 +501,7 @@ fn add(
     con: &mut Connection,
     key: &str,
     window: u64,
-    node: u64,
+    node: &str,
     batch: &[(u64, String)],
 ) -> Result<(), RedisError> {
     // All or nothing: were one XADD in the middle refused (out of memory, say), a retry of
@@ -514,7 +515,7 @@ fn add(
             .arg("~")
             .arg(window)
             .arg("*")
-            .arg(&entry::fields(node, *seq, text))
+            .arg(&entry::fields(node, &seq.to_string(), text))
             .ignore();
     }
     pipe.exec(con)
@@ -580,16 +581,13 @@ impl Reader {
             self.dedupe = Dedupe::default();
         }
         let newest_first = entry::entries(reply)?;
-        let newest = newest_first.first().map(|item| match item {
-            Ok(entry) => entry.id.clone(),
-            Err((id, _)) => id.clone(),
-        });
-        self.last = Some(newest.unwrap_or_else(|| "0-0".to_string()));
-        let mut frames: Vec<Frame> = newest_first
-            .into_iter()
-            .rev()
-            .filter_map(|item| self.accept(item))
-            .collect();
+        self.last = Some("0-0".to_string());
+        let mut frames: Vec<Frame> = Vec::with_capacity(newest_first.len());
+        for item in newest_first.into_iter().rev() {
+            let (id, frame) = self.accept(item);
+            self.last = Some(id);
+            frames.extend(frame);
+        }
         frames.drain(..frames.len().saturating_sub(self.history));
         if self.events.send(Event::Reseed { frames, lost }).is_err() {
             return Ok(Flow::Stop);
@@ -628,32 +626,26 @@ impl Reader {
             self.metrics.redis_resets.inc();
             return self.seed(con, true);
         }
-        let mut newest_millis = None;
-        for item in entry::read_reply(read)? {
-            let id = match &item {
-                Ok(entry) => {
-                    newest_millis = entry.millis();
-                    entry.id.clone()
-                }
-                Err((id, _)) => id.clone(),
-            };
-            self.metrics.redis_entries_read.inc();
+        let items = entry::read_reply(read)?;
+        self.metrics.redis_entries_read.inc_by(items.len() as u64);
+        if let Some(millis) = items.last().and_then(|item| item.as_ref().ok()?.millis()) {
+            self.metrics.redis_lag(millis);
+        }
+        for item in items {
+            let (id, frame) = self.accept(item);
             self.last = Some(id);
-            if let Some(frame) = self.accept(item)
+            if let Some(frame) = frame
                 && self.events.send(Event::Broadcast(frame)).is_err()
             {
                 return Ok(Flow::Stop);
             }
         }
-        if let Some(millis) = newest_millis {
-            self.metrics.redis_lag(millis);
-        }
         Ok(Flow::Go)
     }
 
-    /// The frame to deliver for a stream entry; `None` for a repeat or an entry that is
-    /// not a chat message of ours.
-    fn accept(&mut self, item: Item) -> Option<Frame> {
+    /// A stream entry's ID, and the frame to deliver for it: `None` for a repeat or an
+    /// entry that is not a chat message of ours.
+    fn accept(&mut self, item: Item) -> (String, Option<Frame>) {
         match item {
             Ok(entry) if entry.text.len() > MAX_ENTRY => {
                 warn!(
@@ -661,7 +653,7 @@ impl Reader {
                      any node of ours writes",
                     entry.id
                 );
-                None
+                (entry.id, None)
             }
             Ok(entry) if !self.dedupe.is_new(entry.origin) => {
                 self.metrics.redis_duplicates.inc();
@@ -669,12 +661,12 @@ impl Reader {
                     "dropped stream entry {}: a repeat of a retried XADD",
                     entry.id
                 );
-                None
+                (entry.id, None)
             }
-            Ok(entry) => Some(message::text("", &entry.text)),
+            Ok(entry) => (entry.id, Some(message::text("", &entry.text))),
             Err((id, Malformed(why))) => {
                 warn!("skipped stream entry {id}: {why}");
-                None
+                (id, None)
             }
         }
     }
