@@ -29,15 +29,21 @@ pub fn parse<T: clap::Parser>(program: &str) -> Result<T, ExitCode> {
 }
 
 /// The first line of a parse error, which says what is wrong, with the valid values when
-/// there is a list of them.
+/// there is a list of them, and the indented lines it introduces (the missing arguments,
+/// say) when it ends in a colon.
 fn one_line(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
     let rendered = e.render().to_string();
-    let mut line = rendered
-        .lines()
-        .next()
-        .unwrap_or("invalid arguments")
-        .to_string();
+    let mut lines = rendered.lines();
+    let mut line = lines.next().unwrap_or("invalid arguments").to_string();
+    if line.ends_with(':') {
+        let listed: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' ') && !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        line.push(' ');
+        line.push_str(&listed.join(", "));
+    }
     if let Some(ContextValue::Strings(valid)) = e.get(ContextKind::ValidValue) {
         line.push_str(&format!("; expected one of: {}", valid.join(", ")));
     }

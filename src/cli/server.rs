@@ -152,19 +152,8 @@ fn bind_address(value: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// A `redis://` URL the redis crate understands, checked before the server starts.
 fn redis_url(value: &str) -> Result<String, String> {
-    use redis::IntoConnectionInfo;
-    if !value.starts_with("redis://") {
-        return Err("expected redis://HOST:PORT[/DB]".to_string());
-    }
-    if value.contains("protocol=") {
-        return Err("only RESP2, the default, is supported: remove ?protocol=".to_string());
-    }
-    value
-        .into_connection_info()
-        .map(|_| value.to_string())
-        .map_err(|e| format!("{e}; expected redis://HOST:PORT[/DB]"))
+    crate::server::check_redis_url(value).map(|()| value.to_string())
 }
 
 fn redis_key(value: &str) -> Result<String, String> {

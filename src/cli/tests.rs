@@ -248,3 +248,40 @@ fn bind_takes_ip_port_or_localhost_and_says_what_it_expects() {
         );
     }
 }
+
+#[test]
+fn the_redis_options_are_checked_and_need_redis() {
+    let url = "redis://127.0.0.1:6379/2";
+    let config = parse_server(&[
+        "--redis",
+        url,
+        "--redis-key",
+        "room",
+        "--redis-window",
+        "100",
+    ])
+    .expect("valid")
+    .config();
+    let redis = config.redis.expect("a fleet");
+    assert_eq!(
+        (redis.url.as_str(), redis.key.as_str(), redis.window),
+        (url, "room", 100)
+    );
+    assert!(parse_server(&[]).expect("valid").config().redis.is_none());
+    for bad in [
+        &["--redis", url, "--redis-window", "99"][..],
+        &["--redis", url, "--redis-window", "10000001"],
+        &["--redis", url, "--redis-key", ""],
+        &["--redis", "http://127.0.0.1:6379"],
+        &["--redis", "redis://127.0.0.1:6379?protocol=resp3"],
+        &["--redis-key", "room"],
+        &["--redis-window", "500"],
+    ] {
+        let e = parse_server(bad).expect_err("refused");
+        assert!(
+            one_line(&e).contains("--redis"),
+            "{bad:?}: {}",
+            one_line(&e)
+        );
+    }
+}

@@ -225,7 +225,7 @@ impl Session<'_> {
                     let published =
                         self.context
                             .backplane
-                            .publish(&self.context.events, &tag, &text);
+                            .publish(&self.context.events, &tag, &text, || self.peer.heard());
                     if published.is_err() {
                         return End::Dropped {
                             why: "the server stopped".to_string(),

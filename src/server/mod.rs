@@ -37,6 +37,7 @@ use crate::config::ServerConfig;
 pub(crate) use crate::config::later;
 use crate::error::{Error, Result};
 
+pub(crate) use self::backplane::check_url as check_redis_url;
 pub use self::limits::raise_open_file_limit;
 pub(crate) use self::origin::Origin;
 

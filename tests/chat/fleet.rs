@@ -521,3 +521,25 @@ fn shutdown_with_redis_away_does_not_wait_for_it() {
     assert!(clean, "a clean shutdown");
     assert_eq!(code, 1001);
 }
+
+#[test]
+fn a_client_held_up_by_a_full_writer_queue_is_not_taken_for_silent() {
+    let Some(redis) = Redis::start() else { return };
+    let config = RedisConfig::new(&redis.url).key(&redis.key);
+    let node = unthrottled(
+        ServerConfig::default()
+            .redis(Some(config))
+            .ping_interval(Some(ms(500))),
+    );
+    healthy(node.local_addr());
+    let (mut ws, tag) = join(node.local_addr());
+    // Writes wait in Redis for four seconds, eight ping intervals: the writer's queue
+    // (4096) fills and the client's connection thread waits, reading nothing.
+    redis.run(&["CLIENT", "PAUSE", "4000", "WRITE"]);
+    const COUNT: usize = 5000;
+    for n in 0..COUNT {
+        send(&mut ws, &format!("w{n}"));
+    }
+    let expected: Vec<String> = (0..COUNT).map(|n| format!("{tag}: w{n}")).collect();
+    assert_eq!(texts(&mut ws, COUNT), expected, "held up, not dropped");
+}

@@ -11,8 +11,9 @@
 //! that Redis lost the room's history.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{SendTimeoutError, Sender};
 
 use super::inbox::{Event, Events};
 use super::metrics::Metrics;
@@ -26,6 +27,18 @@ mod redis;
 
 pub(crate) use self::redis::Fleet;
 
+/// Whether `url` can be used for `--redis`, checked before the server starts.
+///
+/// # Errors
+/// What is wrong with it, in one line.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    redis::client(url).map(drop).map_err(|e| e.to_string())
+}
+
+/// How often a connection thread waiting on a full writer queue notes that its client is
+/// still there, so that keepalive does not take it for silent.
+const STILL_WAITING: Duration = Duration::from_secs(1);
+
 /// The connection threads' way into the room.
 #[derive(Debug)]
 pub(crate) enum Backplane {
@@ -34,7 +47,7 @@ pub(crate) enum Backplane {
     /// One of a fleet: through this node's writer to the Redis Stream.
     Redis {
         writer: Sender<String>,
-        link: Arc<redis::Link>,
+        health: Arc<redis::Health>,
     },
 }
 
@@ -57,25 +70,37 @@ impl Backplane {
         let Some(redis) = &config.redis else {
             return Ok((Backplane::Local, None));
         };
-        let (fleet, writer, link) = Fleet::start(redis, config, events.clone(), metrics)?;
-        Ok((Backplane::Redis { writer, link }, Some(fleet)))
+        let (fleet, writer, health) = Fleet::start(redis, config, events.clone(), metrics)?;
+        Ok((Backplane::Redis { writer, health }, Some(fleet)))
     }
 
     /// Send `text` from the client tagged `tag` to the room. In a fleet this waits while
     /// the writer's queue is full (Redis is slow or away), which slows the client down
-    /// through TCP instead of dropping its message.
+    /// through TCP instead of dropping its message; `waiting` is called every second of
+    /// that wait, for the client is not silent, only held up.
     pub(crate) fn publish(
         &self,
         events: &Events<PeerOutlet>,
         tag: &str,
         text: &str,
+        waiting: impl Fn(),
     ) -> Result<(), Stopped> {
         match self {
             Backplane::Local => events
                 .send(Event::Broadcast(message::text(tag, text)))
                 .map_err(|_| Stopped),
             Backplane::Redis { writer, .. } => {
-                writer.send(format!("{tag}{text}")).map_err(|_| Stopped)
+                let mut tagged = format!("{tag}{text}");
+                loop {
+                    match writer.send_timeout(tagged, STILL_WAITING) {
+                        Ok(()) => return Ok(()),
+                        Err(SendTimeoutError::Timeout(back)) => {
+                            waiting();
+                            tagged = back;
+                        }
+                        Err(SendTimeoutError::Disconnected(_)) => return Err(Stopped),
+                    }
+                }
             }
         }
     }
@@ -84,7 +109,7 @@ impl Backplane {
     pub(crate) fn trouble(&self) -> Option<&'static str> {
         match self {
             Backplane::Local => None,
-            Backplane::Redis { link, .. } => link.trouble(),
+            Backplane::Redis { health, .. } => health.trouble(),
         }
     }
 }

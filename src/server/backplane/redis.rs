@@ -34,7 +34,7 @@ use crate::config::{RedisConfig, ServerConfig};
 use crate::error::{Error, Result};
 use crate::message::{self, Frame};
 use crate::server::inbox::{Event, Events};
-use crate::server::metrics::{Link as LinkName, Metrics};
+use crate::server::metrics::{Link, Metrics};
 use crate::server::peer::PeerOutlet;
 
 /// Messages that may wait for the writer. Past this, connection threads wait. At the
@@ -71,14 +71,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How the fleet link is doing, for `/healthz`.
 #[derive(Debug, Default)]
-pub(crate) struct Link {
+pub(crate) struct Health {
     writer_up: AtomicBool,
     reader_up: AtomicBool,
-    /// The reader has seeded the history at least once; the writer waits for it.
-    seeded: AtomicBool,
 }
 
-impl Link {
+impl Health {
+    /// Why this node should not be sent new clients, if it should not.
     pub(crate) fn trouble(&self) -> Option<&'static str> {
         let up = self.writer_up.load(Ordering::Relaxed) && self.reader_up.load(Ordering::Relaxed);
         (!up).then_some("the Redis link is down")
@@ -111,8 +110,24 @@ impl Worker {
         Ok(Worker { stop, thread, name })
     }
 
-    fn stop(self) {
+    /// Tell the thread to stop, without waiting for it.
+    fn signal(self) -> Stopping {
         drop(self.stop);
+        Stopping {
+            thread: self.thread,
+            name: self.name,
+        }
+    }
+}
+
+/// A Redis thread told to stop.
+struct Stopping {
+    thread: JoinHandle<()>,
+    name: &'static str,
+}
+
+impl Stopping {
+    fn join(self) {
         if self.thread.join().is_err() {
             error!("the Redis {} thread panicked (a bug)", self.name);
         }
@@ -120,24 +135,25 @@ impl Worker {
 }
 
 impl Fleet {
-    /// Start the writer and the reader. Returns the writer's queue and the link's state.
+    /// Start the writer and the reader. Returns the writer's queue and the link's health.
     pub(crate) fn start(
         redis: &RedisConfig,
         config: &ServerConfig,
         events: Events<PeerOutlet>,
         metrics: &Arc<Metrics>,
-    ) -> Result<(Fleet, Sender<String>, Arc<Link>)> {
+    ) -> Result<(Fleet, Sender<String>, Arc<Health>)> {
         let client = client(&redis.url)?;
-        let link = Arc::new(Link::default());
-        metrics.redis_up(LinkName::Writer, false);
-        metrics.redis_up(LinkName::Reader, false);
+        let health = Arc::new(Health::default());
+        metrics.redis_up(Link::Writer, false);
+        metrics.redis_up(Link::Reader, false);
         let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE);
+        let (seeded_tx, seeded_rx) = crossbeam_channel::bounded(0);
         let writer = Writer {
-            con: Redis::new(
+            con: Reconnecting::new(
                 client.clone(),
-                LinkName::Writer,
+                Link::Writer,
                 REPLY_TIMEOUT,
-                &link,
+                &health,
                 metrics,
             ),
             key: redis.key.clone(),
@@ -145,7 +161,7 @@ impl Fleet {
             node: entry::node_field(random()),
             next_seq: 0,
             queue: rx,
-            link: Arc::clone(&link),
+            seeded: Some(seeded_rx),
         };
         info!(
             "a node of the fleet on {} (stream {:?}, node {})",
@@ -154,17 +170,17 @@ impl Fleet {
             writer.node
         );
         let reader = Reader {
-            con: Redis::new(
+            con: Reconnecting::new(
                 client,
-                LinkName::Reader,
+                Link::Reader,
                 BLOCK + REPLY_TIMEOUT,
-                &link,
+                &health,
                 metrics,
             ),
             key: redis.key.clone(),
             history: config.history,
             events,
-            link: Arc::clone(&link),
+            seeded: Some(seeded_tx),
             metrics: Arc::clone(metrics),
             last: None,
             dedupe: Dedupe::default(),
@@ -173,7 +189,7 @@ impl Fleet {
         let writer = match Worker::spawn("redis writer", move |stop| writer.run(&stop)) {
             Ok(writer) => writer,
             Err(e) => {
-                reader.stop();
+                reader.signal().join();
                 return Err(e);
             }
         };
@@ -181,33 +197,38 @@ impl Fleet {
             writer: Some(writer),
             reader: Some(reader),
         };
-        Ok((fleet, tx, link))
+        Ok((fleet, tx, health))
     }
 
-    /// Stop the writer: what it has not sent yet is dropped, and connection threads
-    /// waiting on its queue are let go.
+    /// Stop the writer, letting go of connection threads waiting on its queue. It sends
+    /// what is waiting once if Redis is up, and drops it if not.
     pub(crate) fn stop_writer(&mut self) {
         if let Some(writer) = self.writer.take() {
-            writer.stop();
+            writer.signal().join();
         }
     }
 
-    /// Stop both threads and join them.
+    /// Stop both threads, together, and join them.
     pub(crate) fn stop(mut self) {
-        self.stop_writer();
-        if let Some(reader) = self.reader.take() {
-            reader.stop();
-        }
+        let stopping: Vec<Stopping> = [self.writer.take(), self.reader.take()]
+            .into_iter()
+            .flatten()
+            .map(Worker::signal)
+            .collect();
+        stopping.into_iter().for_each(Stopping::join);
     }
 }
 
 /// A Redis client for `url`, with `TCP_NODELAY`: the writer's small pipelines must not
 /// wait for the previous reply's acknowledgement.
-fn client(url: &str) -> Result<Client> {
+pub(crate) fn client(url: &str) -> Result<Client> {
     let invalid = |reason: String| Error::Redis {
         url: redacted(url),
         reason,
     };
+    if !url.starts_with("redis://") {
+        return Err(invalid("it is not a redis:// URL".to_string()));
+    }
     if url.contains("protocol=") {
         return Err(invalid("only RESP2, the default, is supported".to_string()));
     }
@@ -263,12 +284,12 @@ impl From<Malformed> for Failure {
 
 /// One of the two connections, remade after a failure with backoff, and what the log,
 /// the metrics and `/healthz` say about it.
-struct Redis {
+struct Reconnecting {
     client: Client,
-    name: LinkName,
+    name: Link,
     reply_timeout: Duration,
     con: Option<Connection>,
-    link: Arc<Link>,
+    health: Arc<Health>,
     metrics: Arc<Metrics>,
     /// When the link went down, while it is.
     down_since: Option<Instant>,
@@ -276,20 +297,20 @@ struct Redis {
     ever_connected: bool,
 }
 
-impl Redis {
+impl Reconnecting {
     fn new(
         client: Client,
-        name: LinkName,
+        name: Link,
         reply_timeout: Duration,
-        link: &Arc<Link>,
+        health: &Arc<Health>,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        Redis {
+        Reconnecting {
             client,
             name,
             reply_timeout,
             con: None,
-            link: Arc::clone(link),
+            health: Arc::clone(health),
             metrics: Arc::clone(metrics),
             down_since: None,
             failures: 0,
@@ -303,8 +324,8 @@ impl Redis {
 
     fn flag(&self) -> &AtomicBool {
         match self.name {
-            LinkName::Writer => &self.link.writer_up,
-            LinkName::Reader => &self.link.reader_up,
+            Link::Writer => &self.health.writer_up,
+            Link::Reader => &self.health.reader_up,
         }
     }
 
@@ -416,14 +437,15 @@ fn stopping(stop: &Receiver<()>) -> bool {
 }
 
 struct Writer {
-    con: Redis,
+    con: Reconnecting,
     key: String,
     window: u64,
     /// This node's id, as its entries carry it.
     node: String,
     next_seq: u64,
     queue: Receiver<String>,
-    link: Arc<Link>,
+    /// Closed by the reader once it has seeded the history; `None` from then on.
+    seeded: Option<Receiver<()>>,
 }
 
 impl Writer {
@@ -435,13 +457,22 @@ impl Writer {
             };
             let result = if batch.is_empty() {
                 match next_batch(&self.queue, stop, &mut batch, &mut self.next_seq) {
-                    Next::Stop => break,
+                    Next::Stop => {
+                        self.con.con = Some(con);
+                        break;
+                    }
                     Next::Idle => ::redis::cmd("PING").exec(&mut con).map_err(Failure::from),
                     Next::Batch => Ok(()),
                 }
-            } else if !self.link.seeded.load(Ordering::Relaxed) {
+            } else if let Some(seeded) = &self.seeded {
                 // Not before the reader has seeded; see the module's notes.
-                let _ = stop.recv_timeout(Duration::from_millis(20));
+                let ready = crossbeam_channel::select! {
+                    recv(seeded) -> _ => true,
+                    recv(stop) -> _ => false,
+                };
+                if ready {
+                    self.seeded = None;
+                }
                 Ok(())
             } else {
                 let added = add(&mut con, &self.key, self.window, &self.node, &batch);
@@ -454,11 +485,31 @@ impl Writer {
                 break;
             }
         }
+        self.flush(&mut batch);
         let unsent = batch.len() + self.queue.len();
         if unsent > 0 {
             warn!("{unsent} messages were not sent to Redis: the server is stopping");
         }
         debug!("redis writer stopped");
+    }
+
+    /// Stopping with a working connection: send what is waiting, without retrying, so
+    /// that the other nodes still get the last messages of this node's clients.
+    fn flush(&mut self, batch: &mut Vec<(u64, String)>) {
+        let Some(mut con) = self.con.con.take() else {
+            return;
+        };
+        loop {
+            for text in self.queue.try_iter().take(WRITE_BATCH - batch.len()) {
+                self.next_seq += 1;
+                batch.push((self.next_seq, text));
+            }
+            if batch.is_empty() || add(&mut con, &self.key, self.window, &self.node, batch).is_err()
+            {
+                return;
+            }
+            batch.clear();
+        }
     }
 }
 
@@ -522,11 +573,12 @@ fn add(
 }
 
 struct Reader {
-    con: Redis,
+    con: Reconnecting,
     key: String,
     history: usize,
     events: Events<PeerOutlet>,
-    link: Arc<Link>,
+    /// Dropped at the first seed, which lets the writer start.
+    seeded: Option<Sender<()>>,
     metrics: Arc<Metrics>,
     /// The ID of the last entry delivered; `None` until the first seed.
     last: Option<String>,
@@ -592,7 +644,7 @@ impl Reader {
         if self.events.send(Event::Reseed { frames, lost }).is_err() {
             return Ok(Flow::Stop);
         }
-        self.link.seeded.store(true, Ordering::Relaxed);
+        self.seeded = None;
         Ok(Flow::Go)
     }
 
