@@ -1,10 +1,13 @@
 //! A model test of the dispatcher, without sockets or threads: random joins, leaves,
-//! broadcasts, pings, stalled clients, scan steps and a shutdown, through in-memory outlets
+//! broadcasts, pings, stalled clients, scan steps, a fleet's reseeds (with and without a
+//! loss) and a shutdown, through in-memory outlets
 //! that record what each client would have read. Then, for every client:
 //!
 //! - one global order: what it got is a contiguous run of the broadcasts, in order;
-//! - atomic join: the welcome, then exactly the `history` broadcasts before its join, then
-//!   every later one, with no gap and no duplicate;
+//! - atomic join: the welcome, then exactly the history as it stood at its join (the last
+//!   `history` broadcasts, or of a reseed and the broadcasts since), then every later
+//!   broadcast, with no gap and no duplicate; nothing of a reseed after its join;
+//! - a reseed with a loss closes every client with 1012 after the data before it;
 //! - a close always comes after all the data broadcast before it, and nothing after it;
 //! - a client that stops reading is closed with 1008 after an unbroken prefix, and is sent
 //!   nothing more once its queue has overflowed;
@@ -112,6 +115,11 @@ enum Op {
     Fail {
         who: usize,
     },
+    /// A fleet's reseed with this many frames.
+    Reseed {
+        frames: usize,
+        lost: bool,
+    },
     Shutdown,
 }
 
@@ -124,6 +132,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1..8usize).prop_map(Op::Visit),
         1 => (1..8u64).prop_map(Op::Tick),
         1 => any::<usize>().prop_map(|who| Op::Fail { who }),
+        1 => (0..24usize, any::<bool>()).prop_map(|(frames, lost)| Op::Reseed { frames, lost }),
         1 => Just(Op::Shutdown),
     ]
 }
@@ -133,12 +142,15 @@ fn op() -> impl Strategy<Value = Op> {
 enum Ending {
     Open,
     Left { close: bool },
+    Reset,
     Shutdown,
 }
 
 struct Client {
     id: PeerId,
     wire: Arc<Mutex<Wire>>,
+    /// The history it was shown.
+    history: Vec<Frame>,
     /// Broadcasts before its join.
     joined_at: usize,
     /// Broadcasts before its stay ended (leave or shutdown), if it did.
@@ -164,6 +176,9 @@ fn check(ops: &[Op], history: usize) {
     let mut clients: Vec<Client> = Vec::new();
     let mut live: Vec<usize> = Vec::new();
     let mut sent: Vec<Frame> = Vec::new();
+    // What a joiner is shown the tail of: the broadcasts, or the last reseed and the
+    // broadcasts since.
+    let mut shown: Vec<Frame> = Vec::new();
     let mut shut_down = false;
     for op in ops {
         match *op {
@@ -179,6 +194,7 @@ fn check(ops: &[Op], history: usize) {
                 clients.push(Client {
                     id,
                     wire,
+                    history: shown[shown.len().saturating_sub(history)..].to_vec(),
                     joined_at: sent.len(),
                     ended_at: shut_down.then_some(sent.len()),
                     ending: if shut_down {
@@ -202,6 +218,7 @@ fn check(ops: &[Op], history: usize) {
             Op::Broadcast => {
                 let frame = message::text("10.0.0.9:9: ", &format!("m{}", sent.len()));
                 sent.push(frame.clone());
+                shown.push(frame.clone());
                 dispatcher.handle(Event::Broadcast(frame));
             }
             Op::Ping { who } if !live.is_empty() => {
@@ -215,6 +232,21 @@ fn check(ops: &[Op], history: usize) {
             }
             Op::Fail { who } if !live.is_empty() => {
                 clients[live[who % live.len()]].wire.lock().broken = true;
+            }
+            Op::Reseed { frames, lost } => {
+                shown = (0..frames)
+                    .map(|i| message::text("10.0.0.8:8: ", &format!("s{}-{i}", sent.len())))
+                    .collect();
+                if lost {
+                    for &i in &live {
+                        if clients[i].ending == Ending::Open {
+                            clients[i].ending = Ending::Reset;
+                            clients[i].ended_at = Some(sent.len());
+                        }
+                    }
+                }
+                let frames = shown.clone();
+                dispatcher.handle(Event::Reseed { frames, lost });
             }
             Op::Shutdown if !shut_down => {
                 shut_down = true;
@@ -248,13 +280,13 @@ fn check(ops: &[Op], history: usize) {
         assert!(visits < 100_000, "the scan settles");
     }
     dispatcher.rest();
-    assert!(dispatcher.ring.len() <= history.min(sent.len()));
+    assert!(dispatcher.ring.len() <= history.min(shown.len()));
     for client in &clients {
-        check_client(client, &sent, history);
+        check_client(client, &sent);
     }
 }
 
-fn check_client(client: &Client, sent: &[Frame], history: usize) {
+fn check_client(client: &Client, sent: &[Frame]) {
     let wire = client.wire.lock();
     let who = format!("client {}", client.id);
     if client.after_shutdown {
@@ -271,9 +303,12 @@ fn check_client(client: &Client, sent: &[Frame], history: usize) {
         .iter()
         .filter(|f| !matches!(f[0], 0x89 | 0x8A))
         .collect();
-    let start = client.joined_at - history.min(client.joined_at);
     let end = client.ended_at.unwrap_or(sent.len());
-    let expected: Vec<&Frame> = sent[start..end].iter().collect();
+    let expected: Vec<&Frame> = client
+        .history
+        .iter()
+        .chain(&sent[client.joined_at..end])
+        .collect();
     let code = wire.close.as_ref().map(close_code);
     if code == Some(1008) || wire.broken {
         assert!(expected.starts_with(&data), "{who}: an unbroken prefix");
@@ -286,6 +321,7 @@ fn check_client(client: &Client, sent: &[Frame], history: usize) {
     let expected_code = match client.ending {
         Ending::Open | Ending::Left { close: false } => None,
         Ending::Left { close: true } => Some(1000),
+        Ending::Reset => Some(1012),
         Ending::Shutdown => Some(1001),
     };
     assert_eq!(
