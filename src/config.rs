@@ -81,8 +81,9 @@ pub struct RedisConfig {
     pub url: String,
     /// The stream's key. Default `broadcast-chat`; nodes with the same key share a room.
     pub key: String,
-    /// Entries the stream keeps (approximately, `MAXLEN ~`). Default 10 000. A node away
-    /// for longer than this many messages cannot resume, and restarts its clients (1012).
+    /// Entries the stream keeps (approximately, `MAXLEN ~`). Default 10 000, at least 100.
+    /// A node away for longer than this many messages cannot resume, and restarts its
+    /// clients (1012).
     pub window: u64,
 }
 

@@ -209,7 +209,7 @@ impl Metrics {
         );
         r.register(
             "redis_lag_seconds",
-            "Age of the newest stream entry when this node delivered it",
+            "Age of the newest stream entry when this node read it (Redis's clock against the node's)",
             self.redis_lag.clone(),
         );
     }

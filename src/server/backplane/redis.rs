@@ -66,6 +66,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An idle writer pings this often, so that `/healthz` learns of a dead link.
 const IDLE_PING: Duration = Duration::from_secs(2);
 
+/// While the link stays down, the log says so again this often.
+const STILL_DOWN: Duration = Duration::from_secs(60);
+
+/// The smallest window: a node must be able to resume across at least a few batches.
+const MIN_WINDOW: u64 = 100;
+
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -157,7 +163,7 @@ impl Fleet {
                 metrics,
             ),
             key: redis.key.clone(),
-            window: redis.window,
+            window: redis.window.max(MIN_WINDOW),
             node: entry::node_field(random()),
             next_seq: 0,
             queue: rx,
@@ -293,6 +299,8 @@ struct Reconnecting {
     metrics: Arc<Metrics>,
     /// When the link went down, while it is.
     down_since: Option<Instant>,
+    /// When the log last said the link is down.
+    told: Instant,
     failures: u32,
     ever_connected: bool,
 }
@@ -313,6 +321,7 @@ impl Reconnecting {
             health: Arc::clone(health),
             metrics: Arc::clone(metrics),
             down_since: None,
+            told: Instant::now(),
             failures: 0,
             ever_connected: false,
         }
@@ -389,15 +398,27 @@ impl Reconnecting {
         self.failures = self.failures.saturating_add(1);
         self.flag().store(false, Ordering::Relaxed);
         self.metrics.redis_up(self.name, false);
-        if self.down_since.is_none() {
-            self.down_since = Some(Instant::now());
-            warn!(
-                "the Redis {} link failed: {e}. Retrying; clients stay connected, and this \
-                 node reports 503 on /healthz until Redis is back",
-                self.label()
-            );
-        } else {
-            debug!("the Redis {} link is still down: {e}", self.label());
+        let now = Instant::now();
+        match self.down_since {
+            None => {
+                self.down_since = Some(now);
+                self.told = now;
+                warn!(
+                    "the Redis {} link failed: {e}. Retrying; clients stay connected, and \
+                     this node reports 503 on /healthz until Redis is back",
+                    self.label()
+                );
+            }
+            Some(since) if now.duration_since(self.told) >= STILL_DOWN => {
+                self.told = now;
+                warn!(
+                    "the Redis {} link is still down after {} s: {e}. Check that Redis runs \
+                     and that --redis names it",
+                    self.label(),
+                    now.duration_since(since).as_secs()
+                );
+            }
+            Some(_) => debug!("the Redis {} link is still down: {e}", self.label()),
         }
     }
 
