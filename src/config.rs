@@ -5,6 +5,7 @@
 //! client can make the server spend has a bound a user can see and change.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The largest [`ServerConfig::queue`]: a slow client's queue is allocated whole, so this
@@ -71,6 +72,31 @@ pub struct ServerConfig {
     /// Run as one node of a fleet whose room is a Redis Stream. Default `None`: one node,
     /// no Redis.
     pub redis: Option<RedisConfig>,
+    /// Speak TLS only (`wss://`, `https://`) with this certificate and key. Default
+    /// `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The server's certificate chain and private key, as PEM files. They are read at start
+/// and again on each [`Server::reload_tls`](crate::Server::reload_tls).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// The certificate, followed by the intermediate certificates that lead to the CA
+    /// (Let's Encrypt's `fullchain.pem`).
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1; Let's Encrypt's `privkey.pem`).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The certificate chain at `cert`, its key at `key`.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+        }
+    }
 }
 
 /// Where a fleet's room lives: one Redis Stream that every node writes to and reads from.
@@ -129,6 +155,7 @@ impl Default for ServerConfig {
             close_timeout: Duration::from_secs(5),
             web: true,
             redis: None,
+            tls: None,
         }
     }
 }
@@ -229,6 +256,12 @@ impl ServerConfig {
         self.redis = redis;
         self
     }
+
+    /// Set [`Self::tls`].
+    pub fn tls(mut self, tls: Option<TlsFiles>) -> Self {
+        self.tls = tls;
+        self
+    }
 }
 
 /// How the command-line client connects, confirms and reconnects.
@@ -253,6 +286,13 @@ pub struct ClientConfig {
     /// Colour the senders' tags (and mark our own). Default `false`; the command line
     /// turns it on at a terminal unless `NO_COLOR` is set.
     pub color: bool,
+    /// For `wss://`, trust only the CA certificates in this PEM file instead of the
+    /// public roots: for a server whose certificate comes from a private CA. Default
+    /// `None`.
+    pub ca: Option<PathBuf>,
+    /// For `wss://`, accept any certificate: for testing only, since anyone in the path
+    /// can then read and change the chat. Default `false`.
+    pub insecure: bool,
 }
 
 impl Default for ClientConfig {
@@ -265,6 +305,8 @@ impl Default for ClientConfig {
             wait: Duration::from_secs(5),
             reconnect: true,
             color: false,
+            ca: None,
+            insecure: false,
         }
     }
 }
@@ -309,6 +351,18 @@ impl ClientConfig {
     /// Set [`Self::color`].
     pub fn color(mut self, color: bool) -> Self {
         self.color = color;
+        self
+    }
+
+    /// Set [`Self::ca`].
+    pub fn ca(mut self, ca: Option<PathBuf>) -> Self {
+        self.ca = ca;
+        self
+    }
+
+    /// Set [`Self::insecure`].
+    pub fn insecure(mut self, insecure: bool) -> Self {
+        self.insecure = insecure;
         self
     }
 }

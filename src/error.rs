@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// What went wrong, in words a user can act on.
 #[derive(Debug)]
@@ -62,6 +63,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A certificate or key file (`--tls-cert`, `--tls-key`, `--ca`) cannot be used. Fix
+    /// the file or the path and try again.
+    Certificate {
+        /// The file as given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An established connection failed; it is safe to drop it.
     Io(io::Error),
     /// The WebSocket protocol failed on an established connection.
@@ -113,6 +122,9 @@ impl fmt::Display for Error {
                 }
             }
             Error::Handshake { url, reason } => write!(f, "cannot connect to {url}: {reason}"),
+            Error::Certificate { path, reason } => {
+                write!(f, "cannot use {}: {reason}", path.display())
+            }
             Error::Io(e) => write!(f, "connection failed: {e}"),
             Error::WebSocket(e) => write!(f, "WebSocket error: {e}"),
         }
@@ -128,6 +140,7 @@ impl std::error::Error for Error {
             Error::Panicked { .. }
             | Error::Url { .. }
             | Error::Redis { .. }
+            | Error::Certificate { .. }
             | Error::Handshake { .. } => None,
         }
     }
@@ -158,4 +171,22 @@ pub(crate) fn is_disconnect(e: &io::Error) -> bool {
             | io::ErrorKind::UnexpectedEof
             | io::ErrorKind::NotConnected
     )
+}
+
+/// The time left until `deadline`, for a socket timeout; `TimedOut` once it has passed.
+pub(crate) fn time_left(deadline: std::time::Instant) -> io::Result<std::time::Duration> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    Ok(left)
+}
+
+/// Socket timeouts surface as `WouldBlock` on Unix; call them what they are.
+pub(crate) fn timed_out(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::ErrorKind::TimedOut.into()
+    } else {
+        e
+    }
 }

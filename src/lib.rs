@@ -35,8 +35,9 @@ mod config;
 mod error;
 mod message;
 mod server;
+mod tls;
 
-pub use config::{ClientConfig, MAX_QUEUE, RedisConfig, ServerConfig};
+pub use config::{ClientConfig, MAX_QUEUE, RedisConfig, ServerConfig, TlsFiles};
 pub use error::{Error, Result};
 pub use message::{WELCOME, printable, sender_tag};
 pub use server::{Server, raise_open_file_limit};

@@ -1,11 +1,16 @@
-//! `server`: run the broadcast chat server until Ctrl-C or SIGTERM.
+//! `server`: run the broadcast chat server until Ctrl-C or SIGTERM; with TLS, reload the
+//! certificate on SIGHUP.
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
+use std::thread::{self, JoinHandle};
 
 use broadcast_chat::Server;
 use broadcast_chat::cli::ServerArgs;
-use log::{LevelFilter, info};
+use crossbeam_channel::Receiver;
+use log::{LevelFilter, error, info};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
 
 fn main() -> ExitCode {
     let args: ServerArgs = match broadcast_chat::cli::parse("server") {
@@ -38,24 +43,75 @@ fn run(args: &ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
 
-    let (stop_tx, stop) = crossbeam_channel::bounded(1);
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.try_send(());
-    })
-    .map_err(|e| format!("cannot install the Ctrl-C/SIGTERM handler: {e}"))?;
-
+    let signals = SignalThread::start()?;
     let config = args.config();
     broadcast_chat::raise_open_file_limit(&config);
     let web = config.web;
     let server = Server::with_config(config)?;
     let addr = server.local_addr();
-    info!("listening on ws://{addr}");
+    let (ws, http) = if server.is_tls() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    info!("listening on {ws}://{addr}");
     if web {
-        info!("chat page at http://{addr}/");
+        info!("chat page at {http}://{addr}/");
     }
-    let _ = stop.recv();
+    for signal in &signals.caught {
+        if signal != SIGHUP || !server.is_tls() {
+            break;
+        }
+        match server.reload_tls() {
+            Ok(()) => {
+                info!("SIGHUP: reloaded the TLS certificate and key; new connections use them")
+            }
+            Err(e) => error!("SIGHUP: {e}; still using the certificate loaded before"),
+        }
+    }
+    drop(signals);
     info!("shutting down: closing every client with 1001");
     server.shutdown()?;
     info!("stopped");
     Ok(())
+}
+
+/// A thread that passes on the signals the server acts on: SIGINT and SIGTERM stop it;
+/// SIGHUP reloads the certificate of a TLS server, and stops any other, as it always has.
+/// The thread ends when this is dropped.
+struct SignalThread {
+    caught: Receiver<i32>,
+    handle: Handle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SignalThread {
+    fn start() -> Result<SignalThread, String> {
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
+        let handle = signals.handle();
+        let (tx, caught) = crossbeam_channel::bounded(8);
+        let thread = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let _ = tx.try_send(signal);
+                }
+            })
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        Ok(SignalThread {
+            caught,
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SignalThread {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The client's command line.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -26,7 +27,8 @@ use crate::config::ClientConfig;
 #[derive(Debug, Parser)]
 #[command(name = "client", version, max_term_width = 100)]
 pub struct ClientArgs {
-    /// Server to connect to (ws://HOST:PORT; http://HOST:PORT/ works too)
+    /// Server to connect to (ws://HOST:PORT, or wss://HOST:PORT for TLS; http:// and
+    /// https:// work too)
     #[arg(value_name = "URL", default_value = "ws://127.0.0.1:8080")]
     url: String,
 
@@ -53,6 +55,16 @@ pub struct ClientArgs {
     /// At a terminal, do not reconnect when the connection drops
     #[arg(long)]
     no_reconnect: bool,
+
+    /// For wss://, trust the CA certificates in this PEM file instead of the public ones:
+    /// for a server whose certificate comes from your own CA
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    ca: Option<PathBuf>,
+
+    /// For wss://, accept any certificate without checking it: for testing only, since
+    /// anyone between you and the server can then read and change the chat
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,5 +89,7 @@ impl ClientArgs {
             .wait(Duration::from_secs(u64::from(self.wait)))
             .confirm(!self.no_confirm)
             .reconnect(!self.no_reconnect)
+            .ca(self.ca.clone())
+            .insecure(self.insecure)
     }
 }

@@ -1,19 +1,22 @@
 //! The server's command line.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
 
-use crate::config::{RedisConfig, ServerConfig};
+use crate::config::{RedisConfig, ServerConfig, TlsFiles};
 use crate::server::Origin;
 
 /// A WebSocket broadcast chat server: every text message a client sends goes to every
 /// connected client, tagged with the sender's address ("127.0.0.1:53412: hi").
 ///
 /// Browsers get a chat page at http://ADDR/ (turn it off with --no-web); WebSocket clients
-/// connect to ws://ADDR. Ctrl-C or SIGTERM closes every client with 1001 and exits.
+/// connect to ws://ADDR. With --tls-cert and --tls-key, https:// and wss:// instead, and
+/// SIGHUP reloads the certificate. Ctrl-C or SIGTERM closes every client with 1001 and
+/// exits.
 #[derive(Debug, Parser)]
 #[command(
     name = "server",
@@ -120,6 +123,15 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
     redis_window: u64,
 
+    /// Speak TLS only (wss://, https://) with this certificate chain (PEM; Let's Encrypt's
+    /// fullchain.pem); SIGHUP reads it and the key again
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM; Let's Encrypt's privkey.pem)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// How much to log to stderr
     #[arg(long, value_name = "LEVEL", value_enum, ignore_case = true,
           default_value_t = Level::Info)]
@@ -192,7 +204,13 @@ impl ServerArgs {
                 RedisConfig::new(url)
                     .key(&self.redis_key)
                     .window(self.redis_window)
-            }));
+            }))
+            .tls(
+                self.tls_cert
+                    .as_ref()
+                    .zip(self.tls_key.as_ref())
+                    .map(|(cert, key)| TlsFiles::new(cert, key)),
+            );
         config.allow_origins.clone_from(&self.allow_origin);
         config
     }

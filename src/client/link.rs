@@ -3,7 +3,8 @@
 //!
 //! The reader and the session's sends share one socket (one file descriptor); a lock
 //! around each whole frame keeps the session's messages and the reader's automatic replies
-//! (pongs, the answer to a close) from interleaving.
+//! (pongs, the answer to a close) from interleaving. Over TLS, the frame is encrypted
+//! under that lock too, so records go out in the order they were sealed.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -24,10 +25,12 @@ use tungstenite::{Error as WsError, Message};
 use super::Ending;
 use super::confirm::Confirm;
 use super::console::Sink;
+use super::tls::Connector;
 use super::url::Target;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, later};
 use crate::error::{Error, Result, is_disconnect};
 use crate::message::printable;
+use crate::tls::{Tls, Wire};
 
 /// An open connection and its reader thread.
 pub(crate) struct Link {
@@ -48,10 +51,11 @@ impl Link {
     pub(crate) fn open(
         config: &ClientConfig,
         target: &Target,
+        tls: Option<&Connector>,
         sink: Arc<dyn Sink>,
         confirm: Arc<Confirm>,
     ) -> Result<Link> {
-        let (reader_ws, shared) = connect(config, target)?;
+        let (reader_ws, shared) = connect(config, target, tls)?;
         confirm.reset(shared.stream.local_addr()?);
         let sent_close = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended) = crossbeam_channel::bounded(1);
@@ -129,8 +133,13 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-/// Open the TCP connection and do the handshake, each under the connect timeout.
-fn connect(config: &ClientConfig, target: &Target) -> Result<(WebSocket<Shared>, Shared)> {
+/// Open the TCP connection and do the handshakes (TLS if `tls`, then WebSocket), each
+/// under the connect timeout.
+fn connect(
+    config: &ClientConfig,
+    target: &Target,
+    tls: Option<&Connector>,
+) -> Result<(WebSocket<Shared>, Shared)> {
     let url = config.url.as_str();
     let connect_error = |source| Error::Connect {
         url: url.to_string(),
@@ -153,10 +162,24 @@ fn connect(config: &ClientConfig, target: &Target) -> Result<(WebSocket<Shared>,
     }
     let stream = connected.ok_or_else(|| connect_error(last_error))?;
     stream.set_nodelay(true)?;
+    let tls = match tls {
+        Some(connector) => {
+            let deadline = later(Instant::now(), config.connect_timeout);
+            let started = connector
+                .start(&target.host, &stream, deadline)
+                .map_err(|reason| Error::Handshake {
+                    url: url.to_string(),
+                    reason,
+                })?;
+            Some(Arc::new(started))
+        }
+        None => None,
+    };
     stream.set_read_timeout(Some(config.connect_timeout))?;
     stream.set_write_timeout(Some(config.connect_timeout))?;
     let shared = Shared {
         stream: Arc::new(stream),
+        tls,
         write_lock: Arc::new(Mutex::new(())),
     };
     let (ws, _response) = tungstenite::client::client_with_config(
@@ -249,24 +272,35 @@ fn read_messages(
     }
 }
 
-/// One TCP connection shared by the two threads: reads go straight to the socket; each
-/// write (tungstenite writes whole frames) holds the lock until all of it is sent.
+/// One TCP connection shared by the two threads: reads go straight to the socket (or
+/// through TLS); each write (tungstenite writes whole frames) holds the lock until all of
+/// it is sent.
 #[derive(Debug, Clone)]
 struct Shared {
     stream: Arc<TcpStream>,
+    tls: Option<Arc<Tls>>,
     write_lock: Arc<Mutex<()>>,
+}
+
+impl Shared {
+    fn wire(&self) -> Wire<'_> {
+        Wire {
+            sock: &self.stream,
+            tls: self.tls.as_deref(),
+        }
+    }
 }
 
 impl Read for Shared {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.stream).read(buf)
+        self.wire().read(buf)
     }
 }
 
 impl Write for Shared {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let _guard = self.write_lock.lock();
-        (&*self.stream).write_all(buf)?;
+        self.wire().write_all(buf)?;
         Ok(buf.len())
     }
 

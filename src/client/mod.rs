@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, at, never, select};
 use self::confirm::Confirm;
 use self::console::{Input, PipeSink, Sink};
 use self::link::Link;
+use self::tls::Connector;
 use self::url::Target;
 use crate::config::{ClientConfig, later};
 use crate::error::Result;
@@ -27,6 +28,7 @@ mod confirm;
 mod console;
 mod link;
 mod terminal;
+mod tls;
 mod url;
 
 pub use self::terminal::is_interactive;
@@ -189,7 +191,14 @@ pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) ->
         }
     };
     let confirm = Arc::new(Confirm::new());
-    let link = Link::open(config, &target, Arc::clone(&sink), Arc::clone(&confirm))?;
+    let tls = target.tls.then(|| Connector::new(config)).transpose()?;
+    let link = Link::open(
+        config,
+        &target,
+        tls.as_ref(),
+        Arc::clone(&sink),
+        Arc::clone(&confirm),
+    )?;
     sink.status(&if interactive {
         format!(
             "connected to {}; type a message and press Enter, Ctrl-D to quit",
@@ -205,6 +214,7 @@ pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) ->
     let mut session = Session {
         config,
         target,
+        tls,
         sink,
         confirm,
         link: Some(link),
@@ -244,6 +254,8 @@ enum Stop {
 struct Session<'a> {
     config: &'a ClientConfig,
     target: Target,
+    /// How to start TLS, for a `wss://` URL.
+    tls: Option<Connector>,
     sink: Arc<dyn Sink>,
     confirm: Arc<Confirm>,
     /// The connection, while there is one.
@@ -354,6 +366,7 @@ impl Session<'_> {
         let opened = Link::open(
             self.config,
             &self.target,
+            self.tls.as_ref(),
             Arc::clone(&self.sink),
             Arc::clone(&self.confirm),
         );

@@ -6,17 +6,20 @@
 
 use crate::error::{Error, Result};
 
-/// A server to connect to: host, port, and the `ws://` URL for the handshake.
+/// A server to connect to: host, port, whether over TLS, and the URL for the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
     pub(crate) host: String,
     pub(crate) port: u16,
-    /// The URL as the WebSocket handshake needs it (`ws://`, with the path).
+    /// `wss://` (or `https://`): TLS.
+    pub(crate) tls: bool,
+    /// The URL as the WebSocket handshake needs it (`ws://` or `wss://`, with the path).
     pub(crate) url: String,
 }
 
 impl Target {
-    /// Parse `url`: `ws://HOST[:PORT][/PATH]`, or `http://` (taken as `ws://`).
+    /// Parse `url`: `ws://HOST[:PORT][/PATH]` or `wss://`, or `http://` and `https://`
+    /// (taken as `ws://` and `wss://`).
     ///
     /// # Errors
     /// [`Error::Url`], saying what is wrong: not a URL, a scheme we do not speak, no host,
@@ -29,15 +32,15 @@ impl Target {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad("not a URL; expected ws://HOST:PORT"))?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "ws" | "http" => {}
-            "wss" | "https" => {
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "ws" | "http" => false,
+            "wss" | "https" => true,
+            _ => {
                 return Err(bad(
-                    "TLS (wss://, https://) is not supported yet; use ws:// or a proxy",
+                    "the scheme must be ws:// or wss://, as in ws://127.0.0.1:8080",
                 ));
             }
-            _ => return Err(bad("the scheme must be ws://, as in ws://127.0.0.1:8080")),
-        }
+        };
         let (authority, path) = match rest.find(['/', '?', '#']) {
             Some(at) => (&rest[..at], &rest[at..]),
             None => (rest, ""),
@@ -51,13 +54,15 @@ impl Target {
         } else {
             format!("/{path}")
         };
+        let scheme = if tls { "wss" } else { "ws" };
         Ok(Target {
-            url: format!("ws://{authority}{path}"),
+            url: format!("{scheme}://{authority}{path}"),
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port: port.unwrap_or(80),
+            port: port.unwrap_or(if tls { 443 } else { 80 }),
+            tls,
         })
     }
 }
@@ -122,6 +127,19 @@ mod tests {
     }
 
     #[test]
+    fn wss_and_https_urls_are_tls_on_443_by_default() {
+        let t = Target::parse("https://chat.example/room").expect("https");
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls),
+            ("chat.example", 443, true)
+        );
+        assert_eq!(t.url, "wss://chat.example/room");
+        let t = Target::parse("WSS://[::1]:8443").expect("wss");
+        assert_eq!((t.host.as_str(), t.port, t.tls), ("::1", 8443, true));
+        assert!(!Target::parse("ws://x").expect("ws").tls);
+    }
+
+    #[test]
     fn bad_urls_say_what_is_wrong() {
         for (url, says) in [
             ("ws://127.0.0.1:99999", "not a port"),
@@ -131,7 +149,6 @@ mod tests {
             ("ws://:8080", "no host"),
             ("127.0.0.1:8080", "not a URL"),
             ("ftp://x:1", "scheme"),
-            ("wss://x:1", "TLS"),
             ("ws://[::1:80", "closing ]"),
             ("ws://u@x:1", "user"),
         ] {

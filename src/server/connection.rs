@@ -25,10 +25,12 @@ use super::inbox::{Event, Events};
 use super::later;
 use super::metrics::{Closed, Metrics, Refused};
 use super::peer::{Peer, PeerOutlet};
+use super::tls::{Refusal, ServerTls};
 use super::web::Site;
 use crate::config::ServerConfig;
 use crate::error::is_disconnect;
 use crate::message::{self, Frame, printable};
+use crate::tls::Wire;
 
 /// Bytes tungstenite reads per system call, allocated per client and zero-filled before
 /// every read, so all of it is resident. Measured with 2000 idle clients: 4 KiB makes 15.4
@@ -52,6 +54,8 @@ pub(crate) struct Context {
     pub(crate) metrics: Arc<Metrics>,
     /// Set when shutdown begins, for `/healthz`.
     pub(crate) stopping: AtomicBool,
+    /// The certificate, when the port speaks TLS.
+    pub(crate) tls: Option<ServerTls>,
 }
 
 /// The body of a connection thread. `pending` is the connection's room for its handshake,
@@ -60,7 +64,19 @@ pub(crate) struct Context {
 pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
     let config = &context.config;
     let deadline = later(Instant::now(), config.handshake_timeout);
-    match handshake::handshake(&peer.stream, deadline, context) {
+    if let Some(tls) = &context.tls {
+        match tls.accept(&peer.stream, deadline) {
+            Ok(started) => {
+                let _ = peer.tls.set(started);
+            }
+            Err(refusal) => {
+                refused_tls(peer, context, refusal);
+                let _ = peer.stream.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+    match handshake::handshake(peer.wire(), deadline, context) {
         Ok(Outcome::Upgraded { leftover, slot }) => {
             drop(pending);
             let session = Session {
@@ -92,6 +108,14 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
             peer.addr
         ),
         Ok(Outcome::Vanished) => info!("{} left before sending a request", peer.addr),
+        Ok(Outcome::TlsOnPlaintext) => {
+            context.metrics.refused(Refused::Tls);
+            info!(
+                "{} began a TLS handshake, but this port speaks plaintext: it should use \
+                 ws:// or http://, or the server --tls-cert and --tls-key; closed",
+                peer.addr
+            );
+        }
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             context.metrics.refused(Refused::Timeout);
             info!(
@@ -103,6 +127,33 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
         Err(e) => info!("{} left during the handshake: {e}", peer.addr),
     }
     let _ = peer.stream.shutdown(Shutdown::Both);
+}
+
+/// Log and count a connection to the TLS port that did not become a TLS connection.
+fn refused_tls(peer: &Peer, context: &Context, refusal: Refusal) {
+    let addr = peer.addr;
+    match refusal {
+        _ if peer.is_cut() => info!("{addr} was cut during its handshake to make room for others"),
+        Refusal::Plaintext => {
+            context.metrics.refused(Refused::Tls);
+            info!("{addr} spoke plain HTTP to this TLS port; answered 400: use https:// or wss://");
+            close_gracefully(&peer.stream, LINGER);
+        }
+        Refusal::Failed(e) if e.kind() == io::ErrorKind::TimedOut => {
+            context.metrics.refused(Refused::Timeout);
+            info!(
+                "{addr} did not complete the TLS handshake within {} s; closed",
+                context.config.handshake_timeout.as_secs_f32()
+            );
+        }
+        Refusal::Failed(e) if is_disconnect(&e) => {
+            info!("{addr} left during the TLS handshake");
+        }
+        Refusal::Failed(e) => {
+            context.metrics.refused(Refused::Tls);
+            info!("{addr}: the TLS handshake failed: {e}");
+        }
+    }
 }
 
 /// How a session ended, and why, for the log.
@@ -193,7 +244,7 @@ impl Session<'_> {
             .write_buffer_size(0)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
-        let inbound = Inbound(&self.peer.stream);
+        let inbound = Inbound(self.peer.wire());
         let mut ws =
             WebSocket::from_partially_read(inbound, leftover, Role::Server, Some(ws_config));
         let tag = message::sender_tag(self.peer.addr);
@@ -380,9 +431,10 @@ fn close_gracefully(mut stream: &TcpStream, timeout: Duration) {
     }
 }
 
-/// The socket as tungstenite sees it: readable, and a sink for tungstenite's automatic
-/// replies, because the server sends its pongs and closes itself, through the dispatcher.
-struct Inbound<'a>(&'a TcpStream);
+/// The connection as tungstenite sees it: readable, and a sink for tungstenite's
+/// automatic replies, because the server sends its pongs and closes itself, through the
+/// dispatcher.
+struct Inbound<'a>(Wire<'a>);
 
 impl Read for Inbound<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

@@ -17,8 +17,7 @@
 //! thousand clients those caches cost more than the rest of a connection's heap.
 
 use std::borrow::Cow;
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::io;
 use std::time::Instant;
 
 use tungstenite::handshake::derive_accept_key;
@@ -29,12 +28,18 @@ use super::admission::Slot;
 use super::connection::Context;
 use super::metrics::Refused;
 use super::origin::Origins;
+use super::tls::HANDSHAKE_RECORD;
 use super::web::Site;
+use crate::error::{time_left, timed_out};
+use crate::tls::Wire;
 
 /// The largest request head we read; real browsers send well under 2 KiB.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
 /// The most header lines we accept.
 const MAX_HEADERS: usize = 32;
+/// A TLS record holding a fatal `handshake_failure` alert: what a TLS client that reached
+/// a plaintext port is told, so it reports a failed handshake rather than garbage.
+const HANDSHAKE_FAILURE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
 
 /// How a request ended.
 #[derive(Debug)]
@@ -46,6 +51,8 @@ pub(crate) enum Outcome<'a> {
     Answered { status: u16, detail: String },
     /// The client went away before sending a whole request.
     Vanished,
+    /// The client began a TLS handshake on this plaintext port; it was sent a TLS alert.
+    TlsOnPlaintext,
 }
 
 /// What a request head calls for.
@@ -83,15 +90,19 @@ pub(crate) struct Response<'s> {
 /// # Errors
 /// Fails when the deadline passes or the socket fails.
 pub(crate) fn handshake<'a>(
-    stream: &TcpStream,
+    wire: Wire<'_>,
     deadline: Instant,
     context: &'a Context,
 ) -> io::Result<Outcome<'a>> {
     let (site, admission) = (context.site.as_ref(), &*context.admission);
     let mut buf = Vec::with_capacity(1024);
     loop {
-        if read_more(stream, &mut buf, deadline)? == 0 {
+        if read_more(wire, &mut buf, deadline)? == 0 {
             return Ok(Outcome::Vanished);
+        }
+        if wire.tls.is_none() && buf.first() == Some(&HANDSHAKE_RECORD) {
+            write_before(wire, deadline, &HANDSHAKE_FAILURE_ALERT)?;
+            return Ok(Outcome::TlsOnPlaintext);
         }
         let response = match reply(&buf, site, &admission.origins) {
             Reply::Incomplete => continue,
@@ -106,7 +117,7 @@ pub(crate) fn handshake<'a>(
                         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
                          Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
                     );
-                    write_before(stream, deadline, head.as_bytes())?;
+                    write_before(wire, deadline, head.as_bytes())?;
                     let leftover = buf[len..].to_vec();
                     return Ok(Outcome::Upgraded { leftover, slot });
                 }
@@ -116,7 +127,7 @@ pub(crate) fn handshake<'a>(
                 }
             },
         };
-        write_before(stream, deadline, &response.to_bytes())?;
+        write_before(wire, deadline, &response.to_bytes())?;
         return Ok(Outcome::Answered {
             status: response.status,
             detail: response.detail,
@@ -290,7 +301,7 @@ impl Response<'_> {
     }
 
     /// An error `status` with a one-line plain-text explanation.
-    fn error(status: u16, detail: String) -> Response<'static> {
+    pub(crate) fn error(status: u16, detail: String) -> Response<'static> {
         let body = format!("{status} {}: {detail}\n", reason(status));
         let headers = match status {
             405 => "Allow: GET\r\n",
@@ -339,12 +350,12 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Read what has arrived into `buf`, waiting no later than `deadline`.
-fn read_more(mut stream: &TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
+fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
     let len = buf.len();
     buf.resize(MAX_HEAD.min(len + 1024), 0);
     let result = loop {
-        stream.set_read_timeout(Some(remaining(deadline)?))?;
-        match stream.read(&mut buf[len..]) {
+        wire.sock.set_read_timeout(Some(time_left(deadline)?))?;
+        match wire.read(&mut buf[len..]) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             result => break result,
         }
@@ -353,26 +364,9 @@ fn read_more(mut stream: &TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> io
     result.map_err(timed_out)
 }
 
-fn write_before(mut stream: &TcpStream, deadline: Instant, bytes: &[u8]) -> io::Result<()> {
-    stream.set_write_timeout(Some(remaining(deadline)?))?;
-    stream.write_all(bytes).map_err(timed_out)
-}
-
-fn remaining(deadline: Instant) -> io::Result<std::time::Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    Ok(left)
-}
-
-/// Socket timeouts surface as `WouldBlock` on Unix; call them what they are.
-fn timed_out(e: io::Error) -> io::Error {
-    if e.kind() == io::ErrorKind::WouldBlock {
-        io::ErrorKind::TimedOut.into()
-    } else {
-        e
-    }
+fn write_before(wire: Wire<'_>, deadline: Instant, bytes: &[u8]) -> io::Result<()> {
+    wire.sock.set_write_timeout(Some(time_left(deadline)?))?;
+    wire.write_all(bytes).map_err(timed_out)
 }
 
 #[cfg(test)]

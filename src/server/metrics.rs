@@ -50,6 +50,9 @@ pub(crate) enum Refused {
     Full,
     /// Not a valid WebSocket request (another 4xx).
     BadRequest,
+    /// TLS went wrong: a failed TLS handshake, plain HTTP on a TLS port, or TLS on a
+    /// plaintext port.
+    Tls,
 }
 
 /// Which of a node's two Redis connections.
@@ -85,6 +88,7 @@ impl Refused {
             Refused::Origin => "origin",
             Refused::Full => "full",
             Refused::BadRequest => "bad_request",
+            Refused::Tls => "tls",
         }
     }
 }

@@ -32,6 +32,7 @@ use self::dispatcher::Dispatcher;
 use self::inbox::Event;
 use self::metrics::{Metrics, Refused};
 use self::peer::{Peer, PeerId, PeerOutlet};
+use self::tls::ServerTls;
 use self::web::Site;
 use crate::config::ServerConfig;
 pub(crate) use crate::config::later;
@@ -53,6 +54,7 @@ mod metrics;
 mod origin;
 mod peer;
 mod ring;
+mod tls;
 mod web;
 
 /// Stack for a connection thread. Measured: the whole suite passes with 16 KiB stacks
@@ -110,9 +112,11 @@ impl Server {
     /// # Errors
     /// [`Error::Bind`] when the address cannot be listened on, [`Error::Spawn`] when the
     /// server's threads cannot be started, [`Error::Redis`] when the Redis URL cannot be
-    /// used. An unreachable Redis is not an error: the server starts, reports itself
-    /// unhealthy and keeps trying.
+    /// used, [`Error::Certificate`] when the TLS certificate or key cannot be. An
+    /// unreachable Redis is not an error: the server starts, reports itself unhealthy and
+    /// keeps trying.
     pub fn with_config(config: ServerConfig) -> Result<Server> {
+        let tls = config.tls.clone().map(ServerTls::load).transpose()?;
         let listener = listen(config.bind).map_err(|source| Error::Bind {
             addr: config.bind,
             source,
@@ -147,6 +151,7 @@ impl Server {
             backplane,
             metrics,
             stopping: AtomicBool::new(false),
+            tls,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Connections {
@@ -195,6 +200,24 @@ impl Server {
     /// The address the server listens on, with the real port when bound to port 0.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Read the TLS certificate and key again, for the connections that start from now on
+    /// (the ones open keep theirs). If they cannot be used, the ones in use stay. Without
+    /// TLS there is nothing to read, and this does nothing.
+    ///
+    /// # Errors
+    /// [`Error::Certificate`], saying which file is wrong and how.
+    pub fn reload_tls(&self) -> Result<()> {
+        match self.context.as_ref().and_then(|c| c.tls.as_ref()) {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the port speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.context.as_ref().is_some_and(|c| c.tls.is_some())
     }
 
     /// How many clients are past the handshake right now.

@@ -15,15 +15,20 @@
 //! client whose output makes no progress for that long is cut, so a client that never reads
 //! cannot keep a writer thread forever, even if it keeps pinging.
 //!
+//! Over TLS the frames are encrypted first, under the same lock and into one run of
+//! records, which then takes the path above as one frame: the order in which records are
+//! sealed is the order in which they are sent, as TLS requires.
+//!
 //! One [`WriteState`] under a `parking_lot` mutex settles who may write. The dispatcher
 //! holds it during its non-blocking write; the writer thread only takes it to hand the
 //! socket back, never across a blocking write.
 
+use std::borrow::Cow;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -36,6 +41,7 @@ use super::dispatcher::{MAX_BATCH, Outlet, Sent};
 use super::metrics::{Closed, Metrics};
 use crate::config::MAX_QUEUE;
 use crate::message::Frame;
+use crate::tls::{Tls, Wire};
 
 /// Stack for a backlog writer: it only moves bytes, so a small one suffices.
 const WRITER_STACK: usize = 64 * 1024;
@@ -49,6 +55,8 @@ pub(crate) struct Peer {
     pub(crate) id: PeerId,
     pub(crate) addr: SocketAddr,
     pub(crate) stream: TcpStream,
+    /// The connection's TLS, once its handshake is done; never set on a plaintext port.
+    pub(crate) tls: OnceLock<Tls>,
     /// For counting a client cut because its output stalled, which only the backlog
     /// writer sees.
     metrics: Arc<Metrics>,
@@ -121,6 +129,7 @@ impl Peer {
             id,
             addr,
             stream,
+            tls: OnceLock::new(),
             metrics,
             born: Instant::now(),
             last_heard_ms: AtomicU64::new(0),
@@ -130,6 +139,33 @@ impl Peer {
                 writer: None,
             }),
             changed: Condvar::new(),
+        }
+    }
+
+    /// The connection as the WebSocket protocol sees it, through TLS if it has any.
+    pub(crate) fn wire(&self) -> Wire<'_> {
+        Wire {
+            sock: &self.stream,
+            tls: self.tls.get(),
+        }
+    }
+
+    /// `frames` as they go on the wire: themselves, or sealed into TLS records. Only
+    /// under the write lock, which keeps records in the order they are sealed.
+    fn sealed<'f>(&self, frames: &'f [Frame]) -> io::Result<Cow<'f, [Frame]>> {
+        let Some(tls) = self.tls.get() else {
+            return Ok(Cow::Borrowed(frames));
+        };
+        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        Ok(Cow::Owned(vec![Frame::from(tls.seal(&slices)?)]))
+    }
+
+    /// A close frame as it goes on the wire: over TLS, sealed and followed by TLS's own
+    /// goodbye, since nothing comes after it.
+    fn sealed_close(&self, frame: Frame) -> io::Result<Frame> {
+        match self.tls.get() {
+            Some(tls) => Ok(Frame::from(tls.seal_last(&frame)?)),
+            None => Ok(frame),
         }
     }
 
@@ -306,13 +342,22 @@ impl Outlet for PeerOutlet {
     fn send(&mut self, frames: &[Frame]) -> Sent {
         let peer = &self.peer;
         let mut write = peer.write.lock();
-        match write.state {
-            WriteState::Direct => {}
-            WriteState::Draining => return self.backlog.enqueue(frames.iter().cloned()),
-            _ => return Sent::Gone,
+        if !write.state.takes_data() {
+            return Sent::Gone;
         }
-        match peer.write_now(frames) {
-            Ok(written) => match leftover(frames, written) {
+        let frames = match peer.sealed(frames) {
+            Ok(frames) => frames,
+            Err(e) => {
+                debug!("cannot encrypt for {}: {e}", peer.addr);
+                peer.fail(&mut write);
+                return Sent::Gone;
+            }
+        };
+        if matches!(write.state, WriteState::Draining) {
+            return self.backlog.enqueue(frames.iter().cloned());
+        }
+        match peer.write_now(&frames) {
+            Ok(written) => match leftover(&frames, written) {
                 None => Sent::Done,
                 Some((partial, rest)) => {
                     let frames = std::iter::once(partial).chain(rest.iter().cloned());
@@ -330,8 +375,17 @@ impl Outlet for PeerOutlet {
     fn close(&mut self, frame: Frame) {
         let peer = &self.peer;
         let mut write = peer.write.lock();
-        match write.state {
-            WriteState::Direct => match peer.write_now(std::slice::from_ref(&frame)) {
+        let sealed = match write.state {
+            WriteState::Direct | WriteState::Draining => peer.sealed_close(frame),
+            _ => Err(io::ErrorKind::BrokenPipe.into()),
+        };
+        match (&write.state, sealed) {
+            (WriteState::Direct | WriteState::Draining, Err(e)) => {
+                debug!("cannot encrypt the close for {}: {e}", peer.addr);
+                peer.fail(&mut write);
+            }
+            (_, Err(_)) => {}
+            (WriteState::Direct, Ok(frame)) => match peer.write_now(std::slice::from_ref(&frame)) {
                 Ok(written) if written == frame.len() => peer.close_written(&mut write),
                 Ok(written) => {
                     write.state = WriteState::CloseQueued(frame.slice(written..));
@@ -342,8 +396,8 @@ impl Outlet for PeerOutlet {
                     peer.fail(&mut write);
                 }
             },
-            WriteState::Draining => write.state = WriteState::CloseQueued(frame),
-            _ => {}
+            (WriteState::Draining, Ok(frame)) => write.state = WriteState::CloseQueued(frame),
+            (_, Ok(_)) => {}
         }
         // The channel has served its purpose once the close is queued: dropping its sender
         // lets the writer end as soon as the queue is empty.

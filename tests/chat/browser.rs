@@ -15,6 +15,7 @@ use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions, Tab};
 
 use crate::support::*;
+use crate::tls::{Pki, tls_server};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -37,7 +38,7 @@ fn chromium() -> Option<PathBuf> {
     None
 }
 
-fn launch(path: &Path) -> Browser {
+fn launch(path: &Path, extra: &[&str]) -> Browser {
     // headless_chrome adds --headless, --disable-gpu, --no-first-run,
     // --disable-background-networking, --disable-sync and a fresh user data dir itself.
     let options = LaunchOptions::default_builder()
@@ -46,10 +47,13 @@ fn launch(path: &Path) -> Browser {
         .sandbox(false)
         .window_size(Some((1000, 720)))
         .idle_browser_timeout(Duration::from_secs(120))
-        .args(vec![
-            OsStr::new("--disable-component-update"),
-            OsStr::new("--disable-quic"),
-        ])
+        .args(
+            ["--disable-component-update", "--disable-quic"]
+                .iter()
+                .chain(extra)
+                .map(OsStr::new)
+                .collect(),
+        )
         .build()
         .expect("launch options");
     Browser::new(options).expect("Chromium starts")
@@ -110,7 +114,7 @@ fn the_page_chats_with_terminal_clients_and_reconnects_after_a_restart() {
     let Some(chromium) = chromium() else { return };
     let server = default_server();
     let addr = server.local_addr();
-    let browser = launch(&chromium);
+    let browser = launch(&chromium, &[]);
     let tab = browser.new_tab().expect("tab");
     tab.navigate_to(&format!("http://{addr}/"))
         .expect("navigate");
@@ -243,6 +247,53 @@ fn the_page_chats_with_terminal_clients_and_reconnects_after_a_restart() {
     );
 }
 
+#[test]
+fn over_https_the_page_chats_over_wss_with_the_command_line_client() {
+    let Some(chromium) = chromium() else { return };
+    let pki = Pki::new("browser");
+    let server = tls_server(&pki);
+    let port = server.local_addr().port();
+    let browser = launch(&chromium, &["--ignore-certificate-errors"]);
+    let tab = browser.new_tab().expect("tab");
+    tab.navigate_to(&format!("https://localhost:{port}/"))
+        .expect("navigate");
+    tab.wait_until_navigated().expect("loaded");
+    wait_for(
+        &tab,
+        "connected over wss://",
+        "location.protocol === 'https:' && \
+         document.getElementById('status').dataset.state === 'connected'",
+    );
+
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let mut command = client(&format!("wss://localhost:{port}"));
+    let mut proc = Proc::spawn(command.args(["--ca", &ca]));
+    let mut stdin = proc.child.stdin.take().expect("stdin");
+    let printed = lines(proc.child.stdout.take().expect("stdout"));
+    let next_line = |what: &str| {
+        printed
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("the client prints {what}"))
+    };
+    assert_eq!(next_line("the welcome"), WELCOME);
+
+    writeln!(stdin, "hello from the terminal").expect("type a line");
+    let line = next_line("its own message");
+    let (client_tag, text) = line.split_once(": ").expect("tagged");
+    assert_eq!(text, "hello from the terminal");
+    wait_for(
+        &tab,
+        "the client's message in the page",
+        &shows(client_tag, "hello from the terminal"),
+    );
+
+    send_from_page(&tab, "hello from the https page");
+    let line = next_line("the page's message");
+    assert!(line.ends_with(": hello from the https page"), "{line}");
+    drop(stdin);
+    assert!(proc.wait().success(), "the client ends cleanly");
+}
+
 /// Serve `page` to every request on a free port until `stop` is set; returns the address.
 fn serve_page<'s>(
     scope: &'s thread::Scope<'s, '_>,
@@ -295,7 +346,7 @@ fn a_page_from_another_origin_cannot_connect_unless_allowed() {
         let site = serve_page(s, OTHER_SITE.to_string(), &stop);
         let strict = default_server();
         let allowing = server(ServerConfig::default().allow_origin(format!("http://{site}")));
-        let browser = launch(&chromium);
+        let browser = launch(&chromium, &[]);
         let tab = browser.new_tab().expect("tab");
         let result = "document.getElementById('result').textContent";
 
@@ -332,7 +383,7 @@ fn the_page_says_when_the_room_is_full_and_counts_a_message_in_bytes() {
     let server = server(config);
     let addr = server.local_addr();
     let (occupant, _) = join(addr);
-    let browser = launch(&chromium);
+    let browser = launch(&chromium, &[]);
     let tab = browser.new_tab().expect("tab");
     tab.navigate_to(&format!("http://{addr}/"))
         .expect("navigate");

@@ -1,21 +1,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use broadcast_chat::{ServerConfig, WELCOME};
 
 use crate::fake::{Behaviour, Fake, Seen};
 use crate::support::*;
-
-fn client(url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_client"));
-    command
-        .arg(url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::piped());
-    command
-}
 
 /// Run the client with `input` on its stdin; wait for it with a deadline.
 fn run_client(url: &str, input: &str) -> Output {
@@ -240,18 +230,6 @@ fn no_message_can_forge_a_line_or_reach_the_terminal_raw() {
         "{}",
         printed[2]
     );
-}
-
-/// The client with `args` and `input` on its stdin, against `url`.
-fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
-    let mut command = client(url);
-    command.args(args);
-    let mut proc = Proc::spawn(&mut command);
-    let mut stdin = proc.child.stdin.take().expect("stdin");
-    // The client may have finished before it read it all: that is for the test to judge.
-    let _ = stdin.write_all(input.as_bytes());
-    drop(stdin);
-    proc.output()
 }
 
 #[test]

@@ -29,3 +29,5 @@ mod terminal;
 mod browser;
 // Several nodes, one room, on a real redis-server.
 mod fleet;
+// wss:// and https://: certificates made at test time, refusals, deadline, reload.
+mod tls;

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -391,7 +391,7 @@ pub struct ServerProc {
     pub proc: Proc,
     pub addr: SocketAddr,
     pub log: Receiver<String>,
-    /// What the server logged before it said where it listens.
+    /// What the server logged up to the line that says where it listens.
     early: Vec<String>,
 }
 
@@ -415,11 +415,11 @@ impl ServerProc {
             let line = log
                 .recv_deadline(deadline)
                 .expect("server logs its address");
-            if let Some(at) = line.find("listening on ws://") {
-                break line[at + "listening on ws://".len()..]
-                    .trim()
-                    .parse()
-                    .expect("addr");
+            let url = line.split_once("listening on ").map(|(_, url)| url.trim());
+            if let Some(addr) = url.and_then(|u| u.split_once("://")).map(|(_, a)| a) {
+                let addr = addr.parse().expect("addr");
+                early.push(line);
+                break addr;
             }
             early.push(line);
         };
@@ -448,10 +448,10 @@ impl ServerProc {
 }
 
 /// The lines of `stderr`, read on a thread that ends with the stream.
-pub fn lines(stderr: ChildStderr) -> Receiver<String> {
+pub fn lines(output: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = crossbeam_channel::unbounded();
     thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
+        for line in BufReader::new(output).lines() {
             let Ok(line) = line else { return };
             if tx.send(line).is_err() {
                 return;
@@ -489,4 +489,27 @@ pub fn tcp_from(source: &str, addr: SocketAddr) -> TcpStream {
     socket.bind(&from.into()).expect("bind the source address");
     socket.connect(&addr.into()).expect("connect");
     socket.into()
+}
+
+/// The client binary against `url`, its three streams piped.
+pub fn client(url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_client"));
+    command
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::piped());
+    command
+}
+
+/// The client with `args` and `input` on its stdin, against `url`.
+pub fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
+    let mut command = client(url);
+    command.args(args);
+    let mut proc = Proc::spawn(&mut command);
+    let mut stdin = proc.child.stdin.take().expect("stdin");
+    // The client may have finished before it read it all: that is for the test to judge.
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    proc.output()
 }

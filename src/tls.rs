@@ -1,0 +1,209 @@
+//! TLS on a socket that two threads share: one reads, the other writes.
+//!
+//! A rustls connection is one state for both directions, so it sits under a mutex, held
+//! only to decrypt what has arrived or to encrypt what is to be sent, never across a wait.
+//! Reading waits for the socket without the lock, so a thread blocked reading never
+//! holds up a writer. Writing encrypts into bytes the caller sends itself: the server's
+//! dispatcher then writes them without blocking and leaves the rest to its backlog as for
+//! plaintext, and the client writes them under its own write lock. Whoever encrypts must
+//! also be the one who sends the result next, in that order, since TLS records are
+//! numbered; both sides do so under their write lock.
+//!
+//! Records that rustls makes on its own while reading (an answer to a key update, an
+//! alert) wait in its buffer and go out, in order, ahead of the next message sealed.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Instant;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{MsgFlags, recv};
+use parking_lot::Mutex;
+
+use crate::error::{time_left, timed_out};
+
+/// One TLS connection's state, shared by the thread that reads and the one that writes.
+#[derive(Debug)]
+pub(crate) struct Tls {
+    conn: Mutex<rustls::Connection>,
+}
+
+impl Tls {
+    pub(crate) fn new(conn: impl Into<rustls::Connection>) -> Self {
+        Self {
+            conn: Mutex::new(conn.into()),
+        }
+    }
+
+    /// Run the TLS handshake on `sock`, all of it before `deadline`, so that a client
+    /// trickling its handshake is cut like one trickling its HTTP request.
+    ///
+    /// # Errors
+    /// `TimedOut` at the deadline, `UnexpectedEof` if the peer left, `InvalidData` with a
+    /// [`rustls::Error`] inside if the handshake failed (the alert is sent first).
+    pub(crate) fn handshake(&self, mut sock: &TcpStream, deadline: Instant) -> io::Result<()> {
+        let mut conn = self.conn.lock();
+        loop {
+            while conn.wants_write() {
+                sock.set_write_timeout(Some(time_left(deadline)?))?;
+                conn.write_tls(&mut sock).map_err(timed_out)?;
+            }
+            if !conn.is_handshaking() {
+                return Ok(());
+            }
+            sock.set_read_timeout(Some(time_left(deadline)?))?;
+            if conn.read_tls(&mut sock).map_err(timed_out)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer left during the TLS handshake",
+                ));
+            }
+            if let Err(e) = conn.process_new_packets() {
+                let _ = conn.write_tls(&mut sock);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    /// Read decrypted bytes into `buf`, waiting as a blocking read of `sock` would: for as
+    /// long as its read timeout, or forever without one. Returns 0 at the end of the
+    /// stream, whether the peer said goodbye with `close_notify` or just hung up.
+    ///
+    /// # Errors
+    /// `WouldBlock` when the read timeout passes, as for a socket; `InvalidData` when the
+    /// peer sent something that is not valid TLS; any error of the socket.
+    pub(crate) fn read(&self, sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut conn = self.conn.lock();
+                match conn.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                    result => return result,
+                }
+                match conn.read_tls(&mut NoWait(sock)) {
+                    Ok(0) => return Ok(0),
+                    Ok(_) => {
+                        conn.process_new_packets()
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            wait_readable(sock)?;
+        }
+    }
+
+    /// Encrypt `bufs`, as one stream of bytes, into the records to send next.
+    ///
+    /// # Errors
+    /// The connection can no longer send (it has sent its `close_notify`, or failed).
+    pub(crate) fn seal(&self, bufs: &[IoSlice<'_>]) -> io::Result<Vec<u8>> {
+        let mut conn = self.conn.lock();
+        let mut records = Vec::new();
+        let mut storage = bufs.to_vec();
+        let mut rest = &mut storage[..];
+        while !rest.is_empty() {
+            let taken = conn.writer().write_vectored(rest)?;
+            conn.write_tls(&mut records)?;
+            if taken == 0 && !rest.iter().all(|b| b.is_empty()) {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, taken);
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut records)?;
+        }
+        Ok(records)
+    }
+
+    /// As [`seal`](Self::seal), then TLS's own goodbye (`close_notify`): the last thing
+    /// this connection will send.
+    ///
+    /// # Errors
+    /// As for `seal`.
+    pub(crate) fn seal_last(&self, bytes: &[u8]) -> io::Result<Vec<u8>> {
+        let mut records = self.seal(&[IoSlice::new(bytes)])?;
+        let mut conn = self.conn.lock();
+        conn.send_close_notify();
+        while conn.wants_write() {
+            conn.write_tls(&mut records)?;
+        }
+        Ok(records)
+    }
+
+    /// Encrypt `bytes` and write them to `sock`, blocking as its write timeout allows.
+    /// Only for a connection no other thread writes to yet (during its handshake).
+    ///
+    /// # Errors
+    /// As for `seal`, or the socket's error.
+    pub(crate) fn write_all(&self, mut sock: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+        sock.write_all(&self.seal(&[IoSlice::new(bytes)])?)
+    }
+}
+
+/// A socket read that never waits, for rustls to pull from while the lock is held.
+struct NoWait<'a>(&'a TcpStream);
+
+impl Read for NoWait<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match recv(self.0.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Err(nix::errno::Errno::EINTR) => {}
+                result => return result.map_err(io::Error::from),
+            }
+        }
+    }
+}
+
+/// Wait until `sock` has something to read (or has ended), for at most its read timeout.
+fn wait_readable(sock: &TcpStream) -> io::Result<()> {
+    let timeout = match sock.read_timeout()? {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+    };
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(0) => return Err(io::ErrorKind::WouldBlock.into()),
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A socket as the protocol above it sees it: its own bytes, or the bytes inside TLS.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wire<'a> {
+    pub(crate) sock: &'a TcpStream,
+    pub(crate) tls: Option<&'a Tls>,
+}
+
+impl Wire<'_> {
+    /// Read as from a blocking socket.
+    ///
+    /// # Errors
+    /// As for [`Tls::read`], or the socket's.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls {
+            Some(tls) => tls.read(self.sock, buf),
+            None => (&*self.sock).read(buf),
+        }
+    }
+
+    /// Write all of `bytes`, blocking as the socket's write timeout allows. The caller
+    /// must be the only writer meanwhile.
+    ///
+    /// # Errors
+    /// As for [`Tls::write_all`], or the socket's.
+    pub(crate) fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        match self.tls {
+            Some(tls) => tls.write_all(self.sock, bytes),
+            None => (&*self.sock).write_all(bytes),
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! TLS: the client and the server over `wss://`, refusals of the wrong protocol, the
+//! handshake deadline, and a certificate reloaded on SIGHUP. Every certificate is made
+//! here, at test time, by a CA of the test's own (rcgen).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use broadcast_chat::{Server, ServerConfig, TlsFiles, WELCOME};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, RootCertStore, StreamOwned};
+use tungstenite::WebSocket;
+
+use crate::support::*;
+
+/// A CA and a server certificate it signed for `localhost` and 127.0.0.1, as PEM files in
+/// a directory of the test's own, removed when dropped.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The server certificate, to compare with what a server presents.
+    pub der: CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!(
+            "broadcast-chat-tls-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+        let pki = Pki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            der: CertificateDer::from(Vec::new()),
+            dir,
+        };
+        pki.issue(name)
+    }
+
+    /// A new CA and a new server certificate from it, written over the old files.
+    pub fn issue(mut self, name: &str) -> Pki {
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("test CA {name}"));
+        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("server key");
+        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("server params");
+        let cert = params.signed_by(&key, &issuer).expect("server certificate");
+        std::fs::write(&self.ca, ca_cert.pem()).expect("write ca.pem");
+        std::fs::write(&self.cert, cert.pem()).expect("write cert.pem");
+        std::fs::write(&self.key, key.serialize_pem()).expect("write key.pem");
+        self.der = cert.der().clone();
+        self
+    }
+
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles::new(&self.cert, &self.key)
+    }
+
+    pub fn server_args(&self) -> Vec<String> {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        vec![
+            "--tls-cert".into(),
+            path(&self.cert),
+            "--tls-key".into(),
+            path(&self.key),
+        ]
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn tls_server(pki: &Pki) -> Server {
+    server(ServerConfig::default().tls(Some(pki.files())))
+}
+
+type TlsWs = WebSocket<StreamOwned<ClientConnection, TcpStream>>;
+
+/// A WebSocket over TLS that trusts the CA in `ca`, and the certificate the server showed.
+fn wss(addr: SocketAddr, ca: &Path) -> (TlsWs, CertificateDer<'static>) {
+    let mut roots = RootCertStore::empty();
+    let ca = std::fs::read(ca).expect("read ca.pem");
+    for cert in rustls_pemfile_certs(&ca) {
+        roots.add(cert).expect("a CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(Arc::new(config), name).expect("a TLS client");
+    let sock = TcpStream::connect(addr).expect("connect");
+    sock.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut stream = StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .expect("the TLS handshake");
+    }
+    let shown = stream
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .expect("the server shows a certificate")
+        .clone()
+        .into_owned();
+    let (mut ws, _) = tungstenite::client(format!("wss://localhost:{}/", addr.port()), stream)
+        .expect("the WebSocket handshake over TLS");
+    let welcome = ws.read().expect("the welcome");
+    assert_eq!(welcome.to_text().expect("text"), WELCOME);
+    (ws, shown)
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .expect("PEM certificates")
+}
+
+fn say(ws: &mut TlsWs, text: &str) -> String {
+    ws.send(text.into()).expect("send");
+    loop {
+        let message = ws.read().expect("read");
+        if let Ok(line) = message.to_text()
+            && line.ends_with(&format!(": {text}"))
+        {
+            return line.to_string();
+        }
+    }
+}
+
+#[test]
+fn the_client_with_ca_chats_with_a_tls_server() {
+    let pki = Pki::new("chat");
+    let server = tls_server(&pki);
+    let (mut other, _) = wss(server.local_addr(), &pki.ca);
+    let url = format!("wss://localhost:{}", server.local_addr().port());
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let output = run_client_with(&url, &["--ca", &ca], "hello over tls\n");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with(WELCOME), "{stdout}");
+    assert!(stdout.contains(": hello over tls"), "{stdout}");
+    let heard = other.read().expect("the client's message");
+    assert!(
+        heard.to_text().expect("text").ends_with(": hello over tls"),
+        "{heard:?}"
+    );
+    // Both directions, over the same connection, from a TLS client of another make.
+    assert!(say(&mut other, "and back").starts_with("127.0.0.1:"));
+}
+
+#[test]
+fn without_its_ca_the_client_says_the_certificate_is_not_trusted_and_what_to_do() {
+    let pki = Pki::new("untrusted");
+    let server = tls_server(&pki);
+    let url = format!("wss://localhost:{}", server.local_addr().port());
+    let output = run_client_with(&url, &[], "never sent\n");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "certificate for 'localhost' is not trusted; pass --ca FILE if it comes from your own CA"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+
+    // With the wrong CA, it names the file; with --insecure, it connects and warns.
+    let other = Pki::new("other");
+    let wrong = other.ca.to_string_lossy().into_owned();
+    let output = run_client_with(&url, &["--ca", &wrong], "");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(stderr.contains("is not signed by a CA in"), "{stderr}");
+    let output = run_client_with(&url, &["--insecure"], "insecure\n");
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--insecure: the certificate"), "{stderr}");
+}
+
+#[test]
+fn the_client_says_when_a_wss_url_reaches_a_plaintext_server() {
+    let server = default_server();
+    let url = format!("wss://localhost:{}", server.local_addr().port());
+    let output = run_client_with(&url, &["--insecure"], "");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("use ws:// instead of wss://"), "{stderr}");
+}
+
+#[test]
+fn plain_http_on_the_tls_port_and_tls_on_the_plain_port_are_refused_and_logged() {
+    let pki = Pki::new("mixed");
+    let args = pki.server_args();
+    let tls = ServerProc::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (status, _, body) = ask(tls.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    assert!(body.contains("use https:// or wss://"), "{body}");
+    tls.expect_log("spoke plain HTTP to this TLS port");
+
+    let plain = ServerProc::start(&[]);
+    let mut sock = TcpStream::connect(plain.addr).expect("connect");
+    sock.set_read_timeout(Some(WAIT)).expect("timeout");
+    // The start of a real ClientHello: a handshake record, TLS 1.0 on the record layer.
+    sock.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03, 0x03,
+    ])
+    .expect("write");
+    let mut answer = Vec::new();
+    sock.read_to_end(&mut answer)
+        .expect("the server answers and closes");
+    assert_eq!(
+        answer,
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28],
+        "a fatal handshake_failure alert"
+    );
+    plain.expect_log("began a TLS handshake, but this port speaks plaintext");
+}
+
+#[test]
+fn a_tls_handshake_that_stalls_is_cut_at_the_handshake_deadline() {
+    let pki = Pki::new("stall");
+    let server = server(
+        ServerConfig::default()
+            .tls(Some(pki.files()))
+            .handshake_timeout(ms(700)),
+    );
+    // One client sends nothing; the other the first bytes of a ClientHello, then stops.
+    let silent = TcpStream::connect(server.local_addr()).expect("connect");
+    let mut partial = TcpStream::connect(server.local_addr()).expect("connect");
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01])
+        .expect("write");
+    let started = Instant::now();
+    for mut sock in [silent, partial] {
+        sock.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut rest = Vec::new();
+        let result = sock.read_to_end(&mut rest);
+        assert!(
+            result.is_ok()
+                || result.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the server closes the connection"
+        );
+    }
+    assert!(
+        started.elapsed() >= ms(600),
+        "cut at the deadline, not before: {:?}",
+        started.elapsed()
+    );
+    // Meanwhile and after, a real TLS client is served.
+    let (mut ws, _) = wss(server.local_addr(), &pki.ca);
+    say(&mut ws, "still here");
+}
+
+#[test]
+fn sighup_loads_a_new_certificate_for_new_connections_and_old_ones_keep_chatting() {
+    let pki = Pki::new("reload");
+    let args = pki.server_args();
+    let server = ServerProc::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    server.expect_log("listening on wss://");
+    let (mut before, shown) = wss(server.addr, &pki.ca);
+    assert_eq!(shown, pki.der);
+
+    let pki = pki.issue("renewed");
+    server.proc.signal("HUP");
+    server.expect_log("SIGHUP: reloaded the TLS certificate and key");
+    let (mut after, shown) = wss(server.addr, &pki.ca);
+    assert_eq!(shown, pki.der, "a new connection gets the new certificate");
+    say(&mut before, "from before the reload");
+    say(&mut after, "from after it");
+    let heard = before.read().expect("the newcomer's message");
+    assert!(heard.to_text().expect("text").ends_with(": from after it"));
+
+    // A broken file is refused and logged; the certificate in use stays.
+    std::fs::write(&pki.key, "not a key").expect("break the key");
+    server.proc.signal("HUP");
+    let line = server.expect_log("SIGHUP: cannot use");
+    assert!(
+        line.contains("still using the certificate loaded before"),
+        "{line}"
+    );
+    let (mut third, shown) = wss(server.addr, &pki.ca);
+    assert_eq!(shown, pki.der);
+    say(&mut third, "after a bad reload");
+}
+
+#[test]
+fn a_bad_certificate_or_key_stops_the_server_at_start_with_the_file_and_the_reason() {
+    let pki = Pki::new("bad");
+    let other = Pki::new("mismatch");
+    std::fs::write(pki.dir.join("empty.pem"), "").expect("write");
+    let cases = [
+        (
+            pki.dir.join("missing.pem"),
+            pki.key.clone(),
+            "cannot read it",
+        ),
+        (
+            pki.dir.join("empty.pem"),
+            pki.key.clone(),
+            "it holds no certificate",
+        ),
+        (
+            pki.cert.clone(),
+            other.key.clone(),
+            "it is not the key of the certificate",
+        ),
+    ];
+    for (cert, key, says) in cases {
+        let output = Proc::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+                .args(["--bind", "127.0.0.1:0", "--tls-cert"])
+                .arg(&cert)
+                .arg("--tls-key")
+                .arg(&key)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )
+        .output();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{says}: {stderr}");
+    }
+}
