@@ -64,7 +64,7 @@ pub fn between(
     let mut all = (0..=receivers)
         .map(|i| {
             let addr = if i == 0 { sender } else { target.addr };
-            let conn = Conn::open(addr, Duration::from_secs(10))?;
+            let conn = Conn::open(addr, Duration::from_secs(10), target.tls.as_ref())?;
             Ok(Receiver {
                 conn,
                 next: 0,
@@ -74,7 +74,6 @@ pub fn between(
         .collect::<io::Result<Vec<_>>>()?;
     sync(&mut all)?;
 
-    let sender = std::sync::Arc::clone(&all[0].conn.stream);
     let epoch = Instant::now();
     let server_cpu = procfs::cpu_seconds(&target.pid);
     let harness_cpu = procfs::cpu_seconds("self");
@@ -92,7 +91,7 @@ pub fn between(
             text.extend_from_slice(format!("m{:010} ", sent_at.len()).as_bytes());
             text.resize(64, b'x');
             sent_at.push(Instant::now());
-            wire::send_frame(&sender, 1, &text)?;
+            all[0].conn.send(1, &text)?;
         }
         if round == sent_at.len() as u64 {
             break;
@@ -163,34 +162,32 @@ pub fn between(
 /// pace gentle enough for a server with a short buffer.
 fn sync(all: &mut [Receiver]) -> io::Result<()> {
     let marker = format!("sync-{}", std::process::id());
-    let sender = std::sync::Arc::clone(&all[0].conn.stream);
     let deadline = Instant::now() + Duration::from_secs(30);
-    wire::send_frame(&sender, 1, marker.as_bytes())?;
-    for r in all.iter_mut() {
-        r.conn
+    all[0].conn.send(1, marker.as_bytes())?;
+    for i in 0..all.len() {
+        all[i]
+            .conn
             .stream
             .set_read_timeout(Some(Duration::from_millis(100)))?;
         loop {
-            match r.conn.read_frame() {
+            match all[i].conn.read_frame() {
                 Ok(frame) if wire::untag(frame.payload) == marker.as_bytes() => break,
-                Ok(_) => {}
+                Ok(_) => continue,
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if Instant::now() > deadline {
-                        return Err(io::Error::other(
-                            "receivers did not get in sync within 30 s",
-                        ));
-                    }
-                    wire::send_frame(&sender, 1, marker.as_bytes())?;
-                }
+                    ) => {}
                 Err(e) => return Err(e),
             }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(
+                    "receivers did not get in sync within 30 s",
+                ));
+            }
+            all[0].conn.send(1, marker.as_bytes())?;
         }
-        r.conn.stream.set_read_timeout(Some(STALL))?;
+        all[i].conn.stream.set_read_timeout(Some(STALL))?;
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod procfs;
 mod report;
 mod scale;
 mod soak;
+mod tls;
 mod wire;
 
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -61,6 +62,11 @@ struct Args {
     /// afterwards; it never starts or stops Redis
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// Run the TLS scenario alone: a plaintext server of our own and a TLS one (with a
+    /// certificate made for the run), fan-out at each N and --connections idle clients
+    /// [default: 10000; quick: 500] on each, side by side
+    #[arg(long)]
+    tls: bool,
     /// Passed by `cargo bench`; ignored
     #[arg(long, hide = true)]
     bench: bool,
@@ -72,6 +78,8 @@ pub struct Target {
     /// Its process id as /proc names it.
     pub pid: String,
     pub label: String,
+    /// Speak TLS to it, trusting this.
+    pub tls: Option<wire::Tls>,
 }
 
 /// Our release server, started for the run and stopped when dropped.
@@ -111,6 +119,21 @@ fn main() {
         out.finish();
         return;
     }
+    let sizes = match (&args.receivers[..], args.quick) {
+        ([], true) => vec![1, 10, 100],
+        ([], false) => vec![1, 10, 100, 1000],
+        (list, _) => list.to_vec(),
+    };
+    let clients = args
+        .connections
+        .unwrap_or(if args.quick { 500 } else { 10_000 });
+    if args.tls {
+        let mut out = report::Report::new("broadcast-chat", args.quick);
+        let run_for = Duration::from_secs_f64(seconds);
+        tls::run(pinned, &sizes, run_for, clients, &mut out);
+        out.finish();
+        return;
+    }
     let (target, _own) = match &args.url {
         Some(url) => (external(url, &args), None),
         None => {
@@ -135,11 +158,6 @@ fn main() {
     }
     let mut out = report::Report::new(&target.label, args.quick);
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    let sizes = match (&args.receivers[..], args.quick) {
-        ([], true) => vec![1, 10, 100],
-        ([], false) => vec![1, 10, 100, 1000],
-        (list, _) => list.to_vec(),
-    };
     let run_for = Duration::from_secs_f64(seconds);
     if wants("fanout") {
         for &n in &sizes {
@@ -157,11 +175,8 @@ fn main() {
         }
     }
     if wants("connections") {
-        let count = args
-            .connections
-            .unwrap_or(if args.quick { 500 } else { 10_000 });
-        match scale::connections(&target, count, 4) {
-            Ok(result) => out.connections(&result),
+        match scale::connections(&target, clients, 4) {
+            Ok(result) => out.connections("connections", &result),
             Err(e) => out.failed("connections", &e),
         }
     }
@@ -203,6 +218,7 @@ fn external(url: &str, args: &Args) -> Target {
         addr,
         pid: args.pid.map_or_else(|| "0".to_string(), |p| p.to_string()),
         label: args.label.clone().unwrap_or_else(|| url.to_string()),
+        tls: None,
     }
 }
 
@@ -246,6 +262,7 @@ fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer)
             addr,
             pid,
             label: label.to_string(),
+            tls: None,
         },
         own,
     )

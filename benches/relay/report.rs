@@ -18,7 +18,7 @@ pub struct Report {
     lines: Vec<String>,
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
@@ -91,9 +91,9 @@ impl Report {
         );
     }
 
-    pub fn connections(&mut self, r: &Connections) {
+    pub fn connections(&mut self, scenario: &str, r: &Connections) {
         println!(
-            "connections {} of {} connected  {:.0} connects/s  server {:.1} KiB RSS per connection, \
+            "{scenario} {} of {} connected  {:.0} connects/s  server {:.1} KiB RSS per connection, \
              {} threads  one broadcast reached {} in {:.1} ms",
             r.connected,
             r.requested,
@@ -104,7 +104,7 @@ impl Report {
             r.broadcast_ms
         );
         self.record(
-            "connections",
+            scenario,
             &[
                 ("requested", r.requested as f64),
                 ("connected", r.connected as f64),

@@ -44,16 +44,12 @@ pub fn connections(target: &Target, count: usize, threads: usize) -> io::Result<
     let server_threads = procfs::threads(&target.pid);
 
     let marker = format!("all-{}", std::process::id());
-    let sender = groups
-        .iter()
-        .flatten()
-        .next()
-        .map(|c| std::sync::Arc::clone(&c.stream));
-    let Some(sender) = sender else {
+    let mut groups = groups;
+    let Some(sender) = groups.iter_mut().flatten().next() else {
         return Err(io::Error::other("no client could connect"));
     };
     let sent = Instant::now();
-    wire::send_frame(&sender, 1, marker.as_bytes())?;
+    sender.send(1, marker.as_bytes())?;
     let results: Vec<(usize, Duration, Vec<Conn>)> = thread::scope(|s| {
         let handles: Vec<_> = groups
             .into_iter()
@@ -103,7 +99,7 @@ pub fn connections(target: &Target, count: usize, threads: usize) -> io::Result<
 fn open_many(target: &Target, n: usize) -> Vec<Conn> {
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
-        match Conn::open(target.addr, Duration::from_secs(10)) {
+        match Conn::open(target.addr, Duration::from_secs(10), target.tls.as_ref()) {
             Ok(conn) => conns.push(conn),
             Err(e) => {
                 eprintln!("connect failed after {} clients: {e}", conns.len());
@@ -164,8 +160,8 @@ pub fn churn(target: &Target, duration: Duration, concurrency: usize) -> Churn {
 
 /// Connect, send `text`, wait for its broadcast, close with the close handshake.
 pub fn cycle(target: &Target, text: &str) -> io::Result<()> {
-    let mut conn = Conn::open(target.addr, Duration::from_secs(10))?;
-    wire::send_frame(&conn.stream, 1, text.as_bytes())?;
+    let mut conn = Conn::open(target.addr, Duration::from_secs(10), target.tls.as_ref())?;
+    conn.send(1, text.as_bytes())?;
     skip_until(&mut conn, text.as_bytes())?;
     conn.close()
 }

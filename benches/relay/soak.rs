@@ -158,7 +158,7 @@ struct Room {
 impl Room {
     fn open(addr: SocketAddr) -> io::Result<Room> {
         let conns = (0..CHATTERS + RECEIVERS)
-            .map(|_| Conn::open(addr, TIMEOUT))
+            .map(|_| Conn::open(addr, TIMEOUT, None))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Room { conns })
     }
@@ -330,7 +330,7 @@ fn is_closed(stream: &TcpStream) -> bool {
 /// Send as fast as TCP allows and never read; start over when the server cuts it.
 fn flood(addr: SocketAddr, stop: &AtomicBool, counters: &Counters) {
     while !stop.load(Ordering::Acquire) {
-        let Ok(conn) = Conn::open(addr, TIMEOUT) else {
+        let Ok(conn) = Conn::open(addr, TIMEOUT, None) else {
             thread::sleep(Duration::from_millis(100));
             continue;
         };

@@ -1,16 +1,25 @@
 //! A minimal blocking WebSocket client for load: hand-rolled frames, so that the harness
-//! spends as little CPU per delivery as it can and measures the server, not itself.
+//! spends as little CPU per delivery as it can and measures the server, not itself. Over
+//! TLS (rustls, as the product), with one connection state per socket and no extra thread.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::ClientConnection;
+use rustls::pki_types::ServerName;
+
+/// How to reach a server over TLS: the client configuration that trusts its CA.
+pub type Tls = Arc<rustls::ClientConfig>;
+
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
-/// One client connection. The stream is shared so one thread can send while another reads.
+/// One client connection. The stream is shared so one thread can send while another reads
+/// (over plaintext only: a TLS connection sends with [`Conn::send`]).
 pub struct Conn {
     pub stream: Arc<TcpStream>,
+    tls: Option<Box<ClientConnection>>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -23,13 +32,28 @@ pub struct Frame<'a> {
 }
 
 impl Conn {
-    /// Connect, complete the handshake and read the first message (the welcome).
-    pub fn open(addr: SocketAddr, timeout: Duration) -> io::Result<Conn> {
+    /// Connect (with TLS if `tls`), complete the handshake and read the first message
+    /// (the welcome).
+    pub fn open(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> io::Result<Conn> {
         let stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let tls = match tls {
+            Some(config) => {
+                let name = ServerName::try_from("localhost").expect("a server name");
+                let mut conn =
+                    ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut &stream)?;
+                }
+                Some(Box::new(conn))
+            }
+            None => None,
+        };
         let mut conn = Conn {
             stream: Arc::new(stream),
+            tls,
             buf: vec![0; 4096],
             start: 0,
             end: 0,
@@ -38,7 +62,7 @@ impl Conn {
             "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        (&*conn.stream).write_all(request.as_bytes())?;
+        conn.write(request.as_bytes())?;
         conn.read_head()?;
         let frame = conn.read_frame()?;
         if frame.opcode != 1 {
@@ -72,12 +96,47 @@ impl Conn {
         if self.end == self.buf.len() {
             self.buf.resize(self.buf.len() * 2, 0);
         }
-        let n = (&*self.stream).read(&mut self.buf[self.end..])?;
+        let n = self.read(self.end)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         self.end += n;
         Ok(())
+    }
+
+    /// Read into the buffer from `at`, through TLS if there is any.
+    fn read(&mut self, at: usize) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return (&*self.stream).read(&mut self.buf[at..]);
+        };
+        loop {
+            match tls.reader().read(&mut self.buf[at..]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                result => return result,
+            }
+            if tls.read_tls(&mut &*self.stream)? == 0 {
+                return Ok(0);
+            }
+            tls.process_new_packets().map_err(io::Error::other)?;
+        }
+    }
+
+    /// Write all of `bytes`, through TLS if there is any.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(tls) = &mut self.tls else {
+            return (&*self.stream).write_all(bytes);
+        };
+        tls.writer().write_all(bytes)?;
+        while tls.wants_write() {
+            tls.write_tls(&mut &*self.stream)?;
+        }
+        Ok(())
+    }
+
+    /// Send one masked frame.
+    pub fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        self.write(&frame(opcode, payload))
     }
 
     fn need(&mut self, n: usize) -> io::Result<()> {
@@ -123,7 +182,7 @@ impl Conn {
             let opcode = b0 & 0x0f;
             if opcode == 9 {
                 let payload = self.buf[begin..begin + len].to_vec();
-                send_frame(&self.stream, 0xA, &payload)?;
+                self.send(0xA, &payload)?;
                 continue;
             }
             return Ok(Frame {
@@ -135,7 +194,7 @@ impl Conn {
 
     /// Send our close and read until the server's answer and the end of the connection.
     pub fn close(mut self) -> io::Result<()> {
-        send_frame(&self.stream, 8, &1000u16.to_be_bytes())?;
+        self.send(8, &1000u16.to_be_bytes())?;
         loop {
             match self.read_frame() {
                 Ok(frame) if frame.opcode == 8 => break,
@@ -143,9 +202,9 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        let mut rest = [0u8; 64];
         loop {
-            match (&*self.stream).read(&mut rest) {
+            self.start = 0;
+            match self.read(0) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),

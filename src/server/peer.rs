@@ -56,7 +56,8 @@ pub(crate) struct Peer {
     pub(crate) addr: SocketAddr,
     pub(crate) stream: TcpStream,
     /// The connection's TLS, once its handshake is done; never set on a plaintext port.
-    pub(crate) tls: OnceLock<Tls>,
+    /// Boxed: rustls's state is over a kilobyte, which a plaintext client should not carry.
+    pub(crate) tls: OnceLock<Box<Tls>>,
     /// For counting a client cut because its output stalled, which only the backlog
     /// writer sees.
     metrics: Arc<Metrics>,
@@ -146,7 +147,7 @@ impl Peer {
     pub(crate) fn wire(&self) -> Wire<'_> {
         Wire {
             sock: &self.stream,
-            tls: self.tls.get(),
+            tls: self.tls.get().map(|tls| &**tls),
         }
     }
 
