@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             }
             ExitCode::from(outcome.exit_status())
         }
-        Err(e @ Error::Url { .. }) => {
+        Err(e @ (Error::Url { .. } | Error::Certificate { .. })) => {
             say(&e.to_string());
             ExitCode::from(2)
         }

@@ -285,3 +285,34 @@ fn the_redis_options_are_checked_and_need_redis() {
         );
     }
 }
+
+#[test]
+fn the_tls_options_come_as_a_pair_and_the_client_trusts_one_way() {
+    let config = parse_server(&["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+        .expect("valid")
+        .config();
+    assert_eq!(config.tls, Some(crate::TlsFiles::new("c.pem", "k.pem")));
+    assert!(parse_server(&[]).expect("valid").config().tls.is_none());
+    for alone in [&["--tls-cert", "c.pem"][..], &["--tls-key", "k.pem"]] {
+        let e = parse_server(alone).expect_err("refused");
+        assert!(one_line(&e).contains("--tls-"), "{}", one_line(&e));
+    }
+    let client = |args: &[&str]| {
+        ClientArgs::try_parse_from(std::iter::once("client").chain(args.iter().copied()))
+    };
+    let config = client(&["--ca", "ca.pem"])
+        .expect("valid")
+        .config(false, false);
+    assert_eq!(config.ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+    assert!(!config.insecure);
+    assert!(
+        client(&["--insecure"])
+            .expect("valid")
+            .config(false, false)
+            .insecure
+    );
+    assert!(
+        client(&["--ca", "ca.pem", "--insecure"]).is_err(),
+        "trusting one CA and nothing at all contradict each other"
+    );
+}

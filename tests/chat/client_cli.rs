@@ -127,7 +127,7 @@ fn a_refused_connection_is_one_clear_line() {
 fn a_bad_url_is_a_bad_argument_one_clear_line_and_exit_2() {
     for (url, says) in [
         ("ftp://127.0.0.1:1", "the scheme must be ws://"),
-        ("wss://127.0.0.1:1", "not supported"),
+        ("wss://:443", "no host"),
         ("not a url at all", "cannot use URL"),
         ("ws://127.0.0.1:99999", "\"99999\" is not a port"),
         ("ws://127.0.0.1:abc", "is not a port"),

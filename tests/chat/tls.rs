@@ -204,6 +204,19 @@ fn without_its_ca_the_client_says_the_certificate_is_not_trusted_and_what_to_do(
 }
 
 #[test]
+fn a_ca_file_that_cannot_be_used_is_a_bad_argument() {
+    let pki = Pki::new("ca-file");
+    std::fs::write(pki.dir.join("empty.pem"), "").expect("write");
+    for (file, says) in [("missing.pem", "cannot read"), ("empty.pem", "holds no CA")] {
+        let path = pki.dir.join(file).to_string_lossy().into_owned();
+        let output = run_client_with("wss://localhost:1", &["--ca", &path], "");
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says) && stderr.contains(file), "{stderr}");
+    }
+}
+
+#[test]
 fn the_client_says_when_a_wss_url_reaches_a_plaintext_server() {
     let server = default_server();
     let url = format!("wss://localhost:{}", server.local_addr().port());
