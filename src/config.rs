@@ -31,7 +31,9 @@ pub struct ServerConfig {
     /// this queue only holds what does not fit there. It exists only while a client is
     /// behind, is allocated whole when it starts (about 40 bytes a slot: a shared frame,
     /// never a copy of the message), and bounds the history a stalled client can pin to
-    /// `queue` messages.
+    /// `queue` messages. Over TLS each waiting message is the client's own encrypted copy,
+    /// so a stalled TLS client can hold up to `queue` times `max_message_size` (plus the
+    /// one write the socket cut short).
     pub queue: usize,
     /// How often the server pings each client. Default 30 s. A client silent for two
     /// intervals is dropped. `None` turns keepalive off.

@@ -21,6 +21,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, recv};
 use parking_lot::Mutex;
 
+use crate::config::later;
 use crate::error::{time_left, timed_out};
 
 /// One TLS connection's state, shared by the thread that reads and the one that writes.
@@ -66,14 +67,19 @@ impl Tls {
         }
     }
 
-    /// Read decrypted bytes into `buf`, waiting as a blocking read of `sock` would: for as
-    /// long as its read timeout, or forever without one. Returns 0 at the end of the
-    /// stream, whether the peer said goodbye with `close_notify` or just hung up.
+    /// Read decrypted bytes into `buf`, waiting as a blocking read of `sock` would: for at
+    /// most its read timeout in all, or forever without one. The timeout covers the whole
+    /// call, not each wait, so a peer trickling a record byte by byte cannot stretch it.
+    /// Returns 0 at the end of the stream, whether the peer said goodbye with
+    /// `close_notify` or just hung up.
     ///
     /// # Errors
     /// `WouldBlock` when the read timeout passes, as for a socket; `InvalidData` when the
     /// peer sent something that is not valid TLS; any error of the socket.
     pub(crate) fn read(&self, sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        let deadline = sock
+            .read_timeout()?
+            .map(|timeout| later(Instant::now(), timeout));
         loop {
             {
                 let mut conn = self.conn.lock();
@@ -93,7 +99,9 @@ impl Tls {
                     Err(e) => return Err(e),
                 }
             }
-            wait_readable(sock)?;
+            // An incomplete record waits in rustls's buffer for the rest. (When the peer
+            // breaks TLS, the alert rustls makes goes out with the next records sealed.)
+            wait_readable(sock, deadline)?;
         }
     }
 
@@ -102,22 +110,7 @@ impl Tls {
     /// # Errors
     /// The connection can no longer send (it has sent its `close_notify`, or failed).
     pub(crate) fn seal(&self, bufs: &[IoSlice<'_>]) -> io::Result<Vec<u8>> {
-        let mut conn = self.conn.lock();
-        let mut records = Vec::new();
-        let mut storage = bufs.to_vec();
-        let mut rest = &mut storage[..];
-        while !rest.is_empty() {
-            let taken = conn.writer().write_vectored(rest)?;
-            conn.write_tls(&mut records)?;
-            if taken == 0 && !rest.iter().all(|b| b.is_empty()) {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            IoSlice::advance_slices(&mut rest, taken);
-        }
-        while conn.wants_write() {
-            conn.write_tls(&mut records)?;
-        }
-        Ok(records)
+        seal(&mut self.conn.lock(), bufs)
     }
 
     /// As [`seal`](Self::seal), then TLS's own goodbye (`close_notify`): the last thing
@@ -126,8 +119,8 @@ impl Tls {
     /// # Errors
     /// As for `seal`.
     pub(crate) fn seal_last(&self, bytes: &[u8]) -> io::Result<Vec<u8>> {
-        let mut records = self.seal(&[IoSlice::new(bytes)])?;
         let mut conn = self.conn.lock();
+        let mut records = seal(&mut conn, &[IoSlice::new(bytes)])?;
         conn.send_close_notify();
         while conn.wants_write() {
             conn.write_tls(&mut records)?;
@@ -135,14 +128,33 @@ impl Tls {
         Ok(records)
     }
 
-    /// Encrypt `bytes` and write them to `sock`, blocking as its write timeout allows.
-    /// Only for a connection no other thread writes to yet (during its handshake).
+    /// Encrypt `bytes` and write them to `sock`, blocking as its write timeout allows. The
+    /// caller must keep other writers out until it returns, so records go out in order.
     ///
     /// # Errors
     /// As for `seal`, or the socket's error.
     pub(crate) fn write_all(&self, mut sock: &TcpStream, bytes: &[u8]) -> io::Result<()> {
         sock.write_all(&self.seal(&[IoSlice::new(bytes)])?)
     }
+}
+
+/// Encrypt `bufs`, as one stream of bytes, into the records to send next.
+fn seal(conn: &mut rustls::Connection, bufs: &[IoSlice<'_>]) -> io::Result<Vec<u8>> {
+    let mut records = Vec::new();
+    let mut storage = bufs.to_vec();
+    let mut rest = &mut storage[..];
+    while !rest.is_empty() {
+        let taken = conn.writer().write_vectored(rest)?;
+        conn.write_tls(&mut records)?;
+        if taken == 0 && !rest.iter().all(|b| b.is_empty()) {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, taken);
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut records)?;
+    }
+    Ok(records)
 }
 
 /// A socket read that never waits, for rustls to pull from while the lock is held.
@@ -159,18 +171,25 @@ impl Read for NoWait<'_> {
     }
 }
 
-/// Wait until `sock` has something to read (or has ended), for at most its read timeout.
-fn wait_readable(sock: &TcpStream) -> io::Result<()> {
-    let timeout = match sock.read_timeout()? {
-        None => PollTimeout::NONE,
-        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-    };
+/// Wait until `sock` has something to read (or has ended), until `deadline` if any.
+///
+/// # Errors
+/// `WouldBlock` once the deadline has passed, as a socket's read timeout says it.
+fn wait_readable(sock: &TcpStream, deadline: Option<Instant>) -> io::Result<()> {
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
     loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => {
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                }
+                _ => return Err(io::ErrorKind::WouldBlock.into()),
+            },
+        };
         match poll(&mut fds, timeout) {
-            Ok(0) => return Err(io::ErrorKind::WouldBlock.into()),
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
             Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
     }

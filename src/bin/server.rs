@@ -90,12 +90,12 @@ impl SignalThread {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
             .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
         let handle = signals.handle();
-        let (tx, caught) = crossbeam_channel::bounded(8);
+        let (tx, caught) = crossbeam_channel::unbounded();
         let thread = thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    let _ = tx.try_send(signal);
+                    let _ = tx.send(signal);
                 }
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;

@@ -191,6 +191,12 @@ pub fn run(config: &ClientConfig, console: Console, interrupt: &Receiver<()>) ->
         }
     };
     let confirm = Arc::new(Confirm::new());
+    if !target.tls && (config.ca.is_some() || config.insecure) {
+        log::warn!(
+            "--ca and --insecure are for wss:// URLs; {} does not use TLS",
+            target.url
+        );
+    }
     let tls = target.tls.then(|| Connector::new(config)).transpose()?;
     let link = Link::open(
         config,

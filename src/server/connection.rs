@@ -115,6 +115,9 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
                  ws:// or http://, or the server --tls-cert and --tls-key; closed",
                 peer.addr
             );
+            // The rest of its ClientHello is unread: closing now would reset the
+            // connection and could wipe out the alert.
+            close_gracefully(&peer.stream, LINGER);
         }
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             context.metrics.refused(Refused::Timeout);

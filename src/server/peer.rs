@@ -151,12 +151,20 @@ impl Peer {
         }
     }
 
-    /// `frames` as they go on the wire: themselves, or sealed into TLS records. Only
-    /// under the write lock, which keeps records in the order they are sealed.
-    fn sealed<'f>(&self, frames: &'f [Frame]) -> io::Result<Cow<'f, [Frame]>> {
+    /// `frames` as they go on the wire: themselves, or sealed into TLS records, all in one
+    /// run when `one_run` (for a write now), else each on its own (for the backlog, so
+    /// that `--queue` still counts messages). Only under the write lock, which keeps
+    /// records in the order they are sealed.
+    fn sealed<'f>(&self, frames: &'f [Frame], one_run: bool) -> io::Result<Cow<'f, [Frame]>> {
         let Some(tls) = self.tls.get() else {
             return Ok(Cow::Borrowed(frames));
         };
+        if !one_run {
+            let each = frames
+                .iter()
+                .map(|f| Ok(Frame::from(tls.seal(&[IoSlice::new(f)])?)));
+            return each.collect::<io::Result<Vec<_>>>().map(Cow::Owned);
+        }
         let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
         Ok(Cow::Owned(vec![Frame::from(tls.seal(&slices)?)]))
     }
@@ -343,10 +351,17 @@ impl Outlet for PeerOutlet {
     fn send(&mut self, frames: &[Frame]) -> Sent {
         let peer = &self.peer;
         let mut write = peer.write.lock();
-        if !write.state.takes_data() {
-            return Sent::Gone;
+        let draining = match write.state {
+            WriteState::Direct => false,
+            WriteState::Draining => true,
+            _ => return Sent::Gone,
+        };
+        // Checked before sealing: over TLS, records sealed and then not sent would leave a
+        // gap the client cannot decrypt past, and it would never read its 1008.
+        if draining && !self.backlog.has_room(frames.len()) {
+            return Sent::Overflow;
         }
-        let frames = match peer.sealed(frames) {
+        let frames = match peer.sealed(frames, !draining) {
             Ok(frames) => frames,
             Err(e) => {
                 debug!("cannot encrypt for {}: {e}", peer.addr);
@@ -354,7 +369,7 @@ impl Outlet for PeerOutlet {
                 return Sent::Gone;
             }
         };
-        if matches!(write.state, WriteState::Draining) {
+        if draining {
             return self.backlog.enqueue(frames.iter().cloned());
         }
         match peer.write_now(&frames) {
@@ -374,32 +389,7 @@ impl Outlet for PeerOutlet {
     }
 
     fn close(&mut self, frame: Frame) {
-        let peer = &self.peer;
-        let mut write = peer.write.lock();
-        let sealed = match write.state {
-            WriteState::Direct | WriteState::Draining => peer.sealed_close(frame),
-            _ => Err(io::ErrorKind::BrokenPipe.into()),
-        };
-        match (&write.state, sealed) {
-            (WriteState::Direct | WriteState::Draining, Err(e)) => {
-                debug!("cannot encrypt the close for {}: {e}", peer.addr);
-                peer.fail(&mut write);
-            }
-            (_, Err(_)) => {}
-            (WriteState::Direct, Ok(frame)) => match peer.write_now(std::slice::from_ref(&frame)) {
-                Ok(written) if written == frame.len() => peer.close_written(&mut write),
-                Ok(written) => {
-                    write.state = WriteState::CloseQueued(frame.slice(written..));
-                    self.backlog.start(peer, &mut write, std::iter::empty());
-                }
-                Err(e) => {
-                    debug!("close to {} failed: {e}", peer.addr);
-                    peer.fail(&mut write);
-                }
-            },
-            (WriteState::Draining, Ok(frame)) => write.state = WriteState::CloseQueued(frame),
-            (_, Ok(_)) => {}
-        }
+        self.queue_close(frame);
         // The channel has served its purpose once the close is queued: dropping its sender
         // lets the writer end as soon as the queue is empty.
         self.backlog.tx = None;
@@ -436,7 +426,48 @@ impl Outlet for PeerOutlet {
     }
 }
 
+impl PeerOutlet {
+    /// Send `frame` as the last thing the client gets: now, or after its backlog.
+    fn queue_close(&mut self, frame: Frame) {
+        let peer = &self.peer;
+        let mut write = peer.write.lock();
+        if !write.state.takes_data() {
+            return;
+        }
+        let frame = match peer.sealed_close(frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                debug!("cannot encrypt the close for {}: {e}", peer.addr);
+                peer.fail(&mut write);
+                return;
+            }
+        };
+        match write.state {
+            WriteState::Direct => match peer.write_now(std::slice::from_ref(&frame)) {
+                Ok(written) if written == frame.len() => peer.close_written(&mut write),
+                Ok(written) => {
+                    write.state = WriteState::CloseQueued(frame.slice(written..));
+                    self.backlog.start(peer, &mut write, std::iter::empty());
+                }
+                Err(e) => {
+                    debug!("close to {} failed: {e}", peer.addr);
+                    peer.fail(&mut write);
+                }
+            },
+            _ => write.state = WriteState::CloseQueued(frame),
+        }
+    }
+}
+
 impl Backlog {
+    /// Whether `n` more frames fit in the channel. Only the dispatcher adds to it, so
+    /// they still fit when it adds them.
+    fn has_room(&self, n: usize) -> bool {
+        self.tx
+            .as_ref()
+            .is_none_or(|tx| tx.len().saturating_add(n) <= self.capacity)
+    }
+
     fn enqueue(&self, frames: impl Iterator<Item = Frame>) -> Sent {
         let Some(tx) = &self.tx else {
             return Sent::Gone;
