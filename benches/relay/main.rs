@@ -15,6 +15,7 @@ mod procfs;
 mod report;
 mod scale;
 mod soak;
+mod storm;
 mod tls;
 mod wire;
 
@@ -40,8 +41,8 @@ struct Args {
     /// A short run, to check that the harness works (CI runs this)
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios: fanout, latency, connections, churn, soak (the soak runs
-    /// only when named)
+    /// Run only these scenarios: fanout, latency, connections, storm, churn, soak (the
+    /// soak runs only when named)
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Receiver counts for the fan-out scenario [default: 1,10,100,1000; quick: 1,10,100]
@@ -50,7 +51,8 @@ struct Args {
     /// Seconds each fan-out run lasts [default: 3; quick: 0.3], or the soak [default: 60]
     #[arg(long, value_name = "SECS")]
     seconds: Option<f64>,
-    /// Concurrent clients in the connections scenario
+    /// Concurrent clients in the connections and storm scenarios [default: 10000; quick:
+    /// 500]
     #[arg(long, value_name = "N")]
     connections: Option<usize>,
     /// Redraw docs/bench.svg from target/bench/results.jsonl and exit
@@ -178,6 +180,12 @@ fn main() {
         match scale::connections(&target, clients, 4) {
             Ok(result) => out.connections("connections", &result),
             Err(e) => out.failed("connections", &e),
+        }
+    }
+    if wants("storm") {
+        match storm::run(&target, clients) {
+            Ok(result) => out.storm(&result),
+            Err(e) => out.failed("storm", &e),
         }
     }
     if wants("churn") {

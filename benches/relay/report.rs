@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::fanout::Fanout;
 use crate::scale::{Churn, Connections};
 use crate::soak::Soak;
+use crate::storm::Storm;
 
 pub struct Report {
     run: u64,
@@ -113,6 +114,33 @@ impl Report {
                 ("server_threads", r.server_threads as f64),
                 ("reached", r.reached as f64),
                 ("broadcast_ms", r.broadcast_ms),
+            ],
+        );
+    }
+
+    pub fn storm(&mut self, r: &Storm) {
+        println!(
+            "storm    {} clients, {} in flight: {:.0} connects/s; all dropped at once, {} back \
+             in {:.2} s ({:.0}/s); {} failed; one broadcast then reached {}",
+            r.clients,
+            crate::storm::IN_FLIGHT,
+            r.connects_per_s,
+            r.reconnected,
+            r.reconnect_s,
+            r.reconnects_per_s,
+            r.failed,
+            r.reached
+        );
+        self.record(
+            "storm",
+            &[
+                ("clients", r.clients as f64),
+                ("connects_per_s", r.connects_per_s),
+                ("reconnected", r.reconnected as f64),
+                ("reconnect_s", r.reconnect_s),
+                ("reconnects_per_s", r.reconnects_per_s),
+                ("failed", r.failed as f64),
+                ("reached", r.reached as f64),
             ],
         );
     }

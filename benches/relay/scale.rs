@@ -43,8 +43,23 @@ pub fn connections(target: &Target, count: usize, threads: usize) -> io::Result<
     let rss_after = procfs::rss_kib(&target.pid);
     let server_threads = procfs::threads(&target.pid);
 
+    let (reached, last) = reach_all(groups)?;
+    Ok(Connections {
+        requested: count,
+        connected,
+        connects_per_s: connected as f64 / connect_s,
+        rss_kib_per_connection: rss_after.saturating_sub(rss_before) as f64
+            / connected.max(1) as f64,
+        server_threads,
+        broadcast_ms: last.as_secs_f64() * 1e3,
+        reached,
+    })
+}
+
+/// Send one broadcast from one of `groups` and read it on every connection, a thread per
+/// group: how many it reached, and when the last one had it.
+pub fn reach_all(mut groups: Vec<Vec<Conn>>) -> io::Result<(usize, Duration)> {
     let marker = format!("all-{}", std::process::id());
-    let mut groups = groups;
     let Some(sender) = groups.iter_mut().flatten().next() else {
         return Err(io::Error::other("no client could connect"));
     };
@@ -78,25 +93,12 @@ pub fn connections(target: &Target, count: usize, threads: usize) -> io::Result<
             .map(|h| h.join().expect("reader"))
             .collect()
     });
-    Ok(Connections {
-        requested: count,
-        connected,
-        connects_per_s: connected as f64 / connect_s,
-        rss_kib_per_connection: rss_after.saturating_sub(rss_before) as f64
-            / connected.max(1) as f64,
-        server_threads,
-        broadcast_ms: results
-            .iter()
-            .map(|r| r.1)
-            .max()
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3,
-        reached: results.iter().map(|r| r.0).sum(),
-    })
+    let reached = results.iter().map(|r| r.0).sum();
+    let last = results.iter().map(|r| r.1).max().unwrap_or_default();
+    Ok((reached, last))
 }
 
-fn open_many(target: &Target, n: usize) -> Vec<Conn> {
+pub fn open_many(target: &Target, n: usize) -> Vec<Conn> {
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
         match Conn::open(target.addr, Duration::from_secs(10), target.tls.as_ref()) {

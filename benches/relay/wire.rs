@@ -58,17 +58,35 @@ impl Conn {
             start: 0,
             end: 0,
         };
-        let request = format!(
-            "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        conn.write(request.as_bytes())?;
-        conn.read_head()?;
-        let frame = conn.read_frame()?;
+        conn.write(request(addr).as_bytes())?;
+        conn.welcomed()
+    }
+
+    /// A connection whose handshake another loop ran: `received` is what it read so far,
+    /// at least the response's head. `stream` must be blocking.
+    pub fn adopt(stream: TcpStream, received: &[u8], timeout: Duration) -> io::Result<Conn> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut buf = received.to_vec();
+        buf.resize(buf.len().max(4096), 0);
+        let conn = Conn {
+            stream: Arc::new(stream),
+            tls: None,
+            buf,
+            start: 0,
+            end: received.len(),
+        };
+        conn.welcomed()
+    }
+
+    /// Read the response's head and the welcome.
+    fn welcomed(mut self) -> io::Result<Conn> {
+        self.read_head()?;
+        let frame = self.read_frame()?;
         if frame.opcode != 1 {
             return Err(io::Error::other("expected the welcome text"));
         }
-        Ok(conn)
+        Ok(self)
     }
 
     fn read_head(&mut self) -> io::Result<()> {
@@ -212,6 +230,14 @@ impl Conn {
             }
         }
     }
+}
+
+/// The WebSocket upgrade request the harness sends.
+pub fn request(addr: SocketAddr) -> String {
+    format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
 }
 
 /// Write one masked client frame.

@@ -87,6 +87,18 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_pending_per_ip: u32,
 
+    /// Connection threads kept parked, after their client leaves, for the next clients to
+    /// come, 0 to 100000; 0 ends each thread with its connection
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    thread_cache: u32,
+
+    /// Seconds a parked connection thread waits for a new client before it ends, 1 to
+    /// 86400
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    thread_idle: u32,
+
     /// Messages per second one client may send, 0 to 1000000; a client over it is read more
     /// slowly, never dropped; 0 turns flood control off
     #[arg(long, value_name = "N", default_value_t = 10,
@@ -197,6 +209,8 @@ impl ServerArgs {
             .max_clients(self.max_clients as usize)
             .max_pending(self.max_pending as usize)
             .max_pending_per_ip(self.max_pending_per_ip as usize)
+            .thread_cache(self.thread_cache as usize)
+            .thread_idle(secs(self.thread_idle))
             .rate(self.rate)
             .burst(self.burst)
             .web(!self.no_web)

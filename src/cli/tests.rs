@@ -69,6 +69,16 @@ fn numeric_options() -> Vec<Numeric> {
             value: |c| n(c.max_pending_per_ip),
         },
         Numeric {
+            flag: "--thread-cache",
+            range: 0..=100_000,
+            value: |c| n(c.thread_cache),
+        },
+        Numeric {
+            flag: "--thread-idle",
+            range: 1..=86_400,
+            value: |c| secs(c.thread_idle),
+        },
+        Numeric {
             flag: "--rate",
             range: 0..=1_000_000,
             value: |c| i64::from(c.rate),

@@ -34,6 +34,7 @@ use self::metrics::{Metrics, Refused};
 use self::peer::{Peer, PeerId, PeerOutlet};
 use self::tls::ServerTls;
 use self::web::Site;
+use self::workers::Workers;
 use crate::config::ServerConfig;
 pub(crate) use crate::config::later;
 use crate::error::{Error, Result};
@@ -56,6 +57,7 @@ mod peer;
 mod ring;
 mod tls;
 mod web;
+mod workers;
 
 /// Stack for a connection thread. Measured: the whole suite passes with 16 KiB stacks
 /// (logging at info included), and an idle client's thread has touched two pages, one of
@@ -158,6 +160,11 @@ impl Server {
         let connections = Arc::new(Mutex::new(Connections {
             live: HashMap::new(),
             done: done_rx,
+            workers: Workers::new(
+                CONNECTION_STACK,
+                context.config.thread_cache,
+                context.config.thread_idle,
+            ),
         }));
         let acceptor = Acceptor {
             listener: Arc::clone(&listener),
@@ -315,63 +322,53 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The connection threads that have not been joined yet.
+/// The connections being served, and the threads that serve them.
 #[derive(Debug)]
 struct Connections {
-    live: HashMap<PeerId, Live>,
-    /// Each connection thread sends its id here as its last act.
-    done: Receiver<PeerId>,
-}
-
-#[derive(Debug)]
-struct Live {
-    addr: SocketAddr,
     /// Weak, so that the registry never keeps a finished client's socket open.
-    peer: Weak<Peer>,
-    thread: JoinHandle<()>,
+    live: HashMap<PeerId, Weak<Peer>>,
+    /// Each connection sends its id here as it ends.
+    done: Receiver<PeerId>,
+    workers: Workers,
 }
 
 impl Connections {
-    /// Join the threads that have ended.
+    /// Forget the connections that have ended, and join the threads that have.
     fn reap(&mut self) {
         while let Ok(id) = self.done.try_recv() {
-            self.join(id);
+            self.live.remove(&id);
         }
+        self.workers.reap();
     }
 
-    /// Join threads as they end, until all have or `deadline` passes.
+    /// Wait for connections to end, until all have or `deadline` passes.
     fn wait(&mut self, deadline: Instant) {
         while !self.live.is_empty() {
             match self.done.recv_deadline(deadline) {
-                Ok(id) => self.join(id),
+                Ok(id) => {
+                    self.live.remove(&id);
+                }
                 Err(_) => return,
             }
         }
     }
 
+    /// Wait for every connection to end (they have been cut), then join every thread.
     fn wait_all(&mut self) {
-        let ids: Vec<PeerId> = self.live.keys().copied().collect();
-        for id in ids {
-            self.join(id);
+        while !self.live.is_empty() {
+            match self.done.recv() {
+                Ok(id) => {
+                    self.live.remove(&id);
+                }
+                Err(_) => break,
+            }
         }
+        self.workers.stop();
     }
 
     fn abort_all(&self) {
-        for live in self.live.values() {
-            if let Some(peer) = live.peer.upgrade() {
-                peer.abort();
-            }
-        }
-    }
-
-    fn join(&mut self, id: PeerId) {
-        if let Some(live) = self.live.remove(&id)
-            && live.thread.join().is_err()
-        {
-            error!(
-                "the thread serving {} panicked (a bug); only that client was lost",
-                live.addr
-            );
+        for peer in self.live.values().filter_map(Weak::upgrade) {
+            peer.abort();
         }
     }
 }
@@ -435,22 +432,16 @@ impl Acceptor {
         let context = Arc::clone(&self.context);
         let done = DoneSignal {
             id,
+            addr,
             done: self.done.clone(),
         };
-        let spawned = thread::Builder::new()
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                let _done = done;
-                connection::run(&peer, &context, pending);
-            });
-        match spawned {
-            Ok(thread) => {
-                let live = Live {
-                    addr,
-                    peer: weak,
-                    thread,
-                };
-                connections.live.insert(id, live);
+        let job = Box::new(move || {
+            let _done = done;
+            connection::run(&peer, &context, pending);
+        });
+        match connections.workers.run(job) {
+            Ok(()) => {
+                connections.live.insert(id, weak);
             }
             Err(e) => error!("cannot start a thread for {addr}: {e}; closing it"),
         }
@@ -529,14 +520,21 @@ fn thread_cap(config: &ServerConfig) -> usize {
         .saturating_add(ENDING_THREADS)
 }
 
-/// Tells the acceptor a connection thread has ended, even if it panicked.
+/// Tells the acceptor a connection has ended, even if its thread panicked.
 struct DoneSignal {
     id: PeerId,
+    addr: SocketAddr,
     done: Sender<PeerId>,
 }
 
 impl Drop for DoneSignal {
     fn drop(&mut self) {
+        if thread::panicking() {
+            error!(
+                "the thread serving {} panicked (a bug); only that client was lost",
+                self.addr
+            );
+        }
         let _ = self.done.send(self.id);
     }
 }

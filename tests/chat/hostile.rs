@@ -270,7 +270,10 @@ fn time_spent_held_back_by_flood_control_is_not_silence() {
 
 #[test]
 fn a_client_that_never_reads_but_keeps_pinging_is_cut_and_its_thread_and_descriptor_go() {
+    // No thread cache: the client's thread should end with it.
     let server = ServerProc::start(&[
+        "--thread-cache",
+        "0",
         "--write-timeout",
         "1",
         "--queue",

@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::net::TcpStream;
 use std::process::Command;
 use std::thread;
@@ -82,7 +83,7 @@ fn sigint_closes_every_client_with_1001_and_exits_0() {
 
 #[test]
 fn connect_close_cycles_leave_threads_and_descriptors_where_they_started() {
-    let server = ServerProc::start(&["--history", "0"]);
+    let server = ServerProc::start(&["--history", "0", "--thread-cache", "0"]);
     let pid = server.proc.pid();
     let threads = threads_of(pid);
     let fds = fds_of(pid);
@@ -103,7 +104,7 @@ fn connect_close_cycles_leave_threads_and_descriptors_where_they_started() {
 
 #[test]
 fn each_idle_client_costs_one_thread_and_one_descriptor() {
-    let server = ServerProc::start(&[]);
+    let server = ServerProc::start(&["--thread-cache", "0"]);
     let pid = server.proc.pid();
     let (threads, fds) = (threads_of(pid), fds_of(pid));
     let clients: Vec<_> = (0..50).map(|_| join(server.addr)).collect();
@@ -112,6 +113,60 @@ fn each_idle_client_costs_one_thread_and_one_descriptor() {
     drop(clients);
     eventually("threads released", || threads_of(pid) == threads);
     eventually("descriptors released", || fds_of(pid) == fds);
+}
+
+/// The ids of process `pid`'s threads.
+fn thread_ids(pid: u32) -> HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc/PID/task")
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn one_client_after_another_is_served_by_the_same_few_parked_threads() {
+    let server = ServerProc::start(&["--history", "0"]);
+    let pid = server.proc.pid();
+    let before = thread_ids(pid);
+    let mut seen = HashSet::new();
+    for i in 0..100 {
+        let (mut ws, me) = join(server.addr);
+        seen.extend(thread_ids(pid).difference(&before).cloned());
+        send(&mut ws, &format!("cycle {i}"));
+        assert_eq!(recv_text(&mut ws), format!("{me}: cycle {i}"));
+        close(&mut ws, CloseCode::Normal);
+        assert_eq!(recv_until_close(&mut ws).0, 1000);
+    }
+    // Without the cache, each of the 100 clients would have had a thread of its own.
+    assert!(
+        seen.len() <= 10,
+        "{} threads served 100 clients one after another",
+        seen.len()
+    );
+}
+
+#[test]
+fn parked_threads_are_bounded_reused_and_end_when_idle() {
+    let server = ServerProc::start(&["--thread-cache", "20", "--thread-idle", "4"]);
+    let pid = server.proc.pid();
+    let threads = threads_of(pid);
+    let clients: Vec<_> = (0..50).map(|_| join(server.addr)).collect();
+    eventually("a thread per client", || threads_of(pid) == threads + 50);
+    drop(clients);
+    eventually("20 parked, the others ended", || {
+        threads_of(pid) == threads + 20
+    });
+    let parked = thread_ids(pid);
+    let clients: Vec<_> = (0..20).map(|_| join(server.addr)).collect();
+    assert_eq!(
+        thread_ids(pid),
+        parked,
+        "the 20 new clients are served by the parked threads"
+    );
+    drop(clients);
+    // Parked for --thread-idle (4 s), then gone: an idle server gives its threads back.
+    eventually("the parked threads end", || threads_of(pid) == threads);
 }
 
 #[test]
@@ -134,7 +189,16 @@ fn running_out_of_descriptors_does_not_end_the_server() {
 
 #[test]
 fn a_backlog_writer_thread_lives_only_while_its_client_is_behind() {
-    let server = ServerProc::start(&["--queue", "8", "--history", "0", "--rate", "0"]);
+    let server = ServerProc::start(&[
+        "--queue",
+        "8",
+        "--history",
+        "0",
+        "--rate",
+        "0",
+        "--thread-cache",
+        "0",
+    ]);
     let pid = server.proc.pid();
     let threads = threads_of(pid);
     let _stalled = stalled_client(server.addr);
