@@ -34,6 +34,10 @@ pub struct Fanout {
     pub disconnected: u64,
     pub server_us_per_delivery: f64,
     pub harness_us_per_delivery: f64,
+    /// The server's voluntary and involuntary context switches per delivery, over all its
+    /// threads.
+    pub voluntary_per_delivery: f64,
+    pub involuntary_per_delivery: f64,
 }
 
 /// One receiving connection and where it is in the stream.
@@ -76,6 +80,7 @@ pub fn between(
 
     let epoch = Instant::now();
     let server_cpu = procfs::cpu_seconds(&target.pid);
+    let switches = procfs::context_switches(&target.pid);
     let harness_cpu = procfs::cpu_seconds("self");
     let stop_at = epoch + duration;
     let mut sent_at: Vec<Instant> = Vec::new();
@@ -127,6 +132,11 @@ pub fn between(
         .map(|r| messages.saturating_sub(r.next))
         .sum::<u64>();
     let server_cpu = procfs::cpu_seconds(&target.pid) - server_cpu;
+    let (voluntary, involuntary) = procfs::context_switches(&target.pid);
+    let switches = (
+        voluntary.saturating_sub(switches.0) as f64,
+        involuntary.saturating_sub(switches.1) as f64,
+    );
     let harness_cpu = procfs::cpu_seconds("self") - harness_cpu;
     let elapsed = last_receipt.duration_since(epoch).as_secs_f64();
     let per_delivery = |cpu: f64| {
@@ -154,6 +164,8 @@ pub fn between(
         disconnected,
         server_us_per_delivery: per_delivery(server_cpu),
         harness_us_per_delivery: per_delivery(harness_cpu),
+        voluntary_per_delivery: per_delivery(switches.0 / 1e6),
+        involuntary_per_delivery: per_delivery(switches.1 / 1e6),
     })
 }
 

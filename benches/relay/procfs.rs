@@ -64,3 +64,18 @@ pub fn fds(pid: &str) -> Option<u64> {
         .ok()
         .map(|d| d.count() as u64)
 }
+
+/// Voluntary and involuntary context switches so far, summed over the threads `pid` has
+/// now (threads that have ended are not counted).
+pub fn context_switches(pid: &str) -> (u64, u64) {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    tasks.filter_map(Result::ok).fold((0, 0), |(v, i), task| {
+        let tid = format!("{pid}/task/{}", task.file_name().to_string_lossy());
+        (
+            v + status_field(&tid, "voluntary_ctxt_switches:"),
+            i + status_field(&tid, "nonvoluntary_ctxt_switches:"),
+        )
+    })
+}

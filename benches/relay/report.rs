@@ -58,7 +58,8 @@ impl Report {
     pub fn fanout(&mut self, scenario: &str, r: &Fanout) {
         println!(
             "{scenario:<8} N={:<5} W={} {:>10.0} deliveries/s  latency µs p50 {:>6.0} p90 {:>6.0} \
-             p99 {:>6.0} max {:>6.0}  lost {} disconnected {}  CPU µs/delivery server {:.2} harness {:.2}  ({} messages)",
+             p99 {:>6.0} max {:>6.0}  lost {} disconnected {}  CPU µs/delivery server {:.2} harness {:.2}  \
+             server switches/delivery {:.2} voluntary {:.2} involuntary  ({} messages)",
             r.receivers,
             r.window,
             r.deliveries_per_s,
@@ -70,6 +71,8 @@ impl Report {
             r.disconnected,
             r.server_us_per_delivery,
             r.harness_us_per_delivery,
+            r.voluntary_per_delivery,
+            r.involuntary_per_delivery,
             r.messages
         );
         self.record(
@@ -88,6 +91,8 @@ impl Report {
                 ("disconnected", r.disconnected as f64),
                 ("server_us_per_delivery", r.server_us_per_delivery),
                 ("harness_us_per_delivery", r.harness_us_per_delivery),
+                ("voluntary_per_delivery", r.voluntary_per_delivery),
+                ("involuntary_per_delivery", r.involuntary_per_delivery),
             ],
         );
     }
