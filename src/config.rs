@@ -53,14 +53,16 @@ pub struct ServerConfig {
     /// host cannot take the room of the others; loopback benchmarks with 64 handshakes in
     /// flight fit.
     pub max_pending_per_ip: usize,
-    /// Connection threads kept parked after their client leaves, to serve the next
-    /// clients without starting a thread each. Default 1024, as many as the default
-    /// `max_pending` lets start their handshake at once: a reconnect storm of that size
-    /// finds a thread waiting for each. A parked thread costs about 30 KiB, four memory
-    /// mappings and a process id; with the default `max_clients`, 1024 more threads
-    /// still fit Linux's default 65 530 mappings (14 112 threads, about 56 000). Zero
-    /// ends each thread with its connection.
-    pub thread_cache: usize,
+    /// The most connection threads kept parked after their clients leave, to serve the
+    /// next clients without starting a thread each. Default `None`: as many as there may
+    /// be connections (`max_clients` plus `max_pending`), so that when every client
+    /// reconnects at once (a network blip, a load balancer's failover) each finds a
+    /// thread waiting. A thread parks only in place of a connection that ended, so the
+    /// cache never takes the server past the threads its clients may hold anyway (and
+    /// the memory mappings and process ids they cost); it only keeps them for up to
+    /// `thread_idle` after the clients have gone. Zero ends each thread with its
+    /// connection.
+    pub thread_cache: Option<usize>,
     /// How long a parked thread waits for a new client before it ends, so that an idle
     /// server gives its memory back. Default 30 s.
     pub thread_idle: Duration,
@@ -161,7 +163,7 @@ impl Default for ServerConfig {
             max_clients: 12_000,
             max_pending: 1024,
             max_pending_per_ip: 128,
-            thread_cache: 1024,
+            thread_cache: None,
             thread_idle: Duration::from_secs(30),
             allow_origins: Vec::new(),
             rate: 10,
@@ -225,7 +227,7 @@ impl ServerConfig {
     }
 
     /// Set [`Self::thread_cache`].
-    pub fn thread_cache(mut self, threads: usize) -> Self {
+    pub fn thread_cache(mut self, threads: Option<usize>) -> Self {
         self.thread_cache = threads;
         self
     }

@@ -126,7 +126,8 @@ impl Report {
     pub fn storm(&mut self, r: &Storm) {
         println!(
             "storm    {} clients, {} in flight: {:.0} connects/s; all dropped at once, {} back \
-             in {:.2} s ({:.0}/s); {} failed; one broadcast then reached {}",
+             in {:.2} s ({:.0}/s); {} failed; one broadcast then reached {}; server CPU µs per \
+             connection {:.1}, per reconnection {:.1}",
             r.clients,
             crate::storm::IN_FLIGHT,
             r.connects_per_s,
@@ -134,7 +135,9 @@ impl Report {
             r.reconnect_s,
             r.reconnects_per_s,
             r.failed,
-            r.reached
+            r.reached,
+            r.server_us_per_connect,
+            r.server_us_per_reconnect
         );
         self.record(
             "storm",
@@ -145,6 +148,8 @@ impl Report {
                 ("reconnect_s", r.reconnect_s),
                 ("reconnects_per_s", r.reconnects_per_s),
                 ("failed", r.failed as f64),
+                ("server_us_per_connect", r.server_us_per_connect),
+                ("server_us_per_reconnect", r.server_us_per_reconnect),
                 ("reached", r.reached as f64),
             ],
         );

@@ -17,6 +17,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use socket2::{Domain, Socket, Type};
 
 use crate::Target;
+use crate::procfs;
 use crate::scale::reach_all;
 use crate::wire::{self, Conn};
 
@@ -34,20 +35,28 @@ pub struct Storm {
     pub reconnects_per_s: f64,
     pub failed: usize,
     pub reached: usize,
+    /// The server's CPU time per connection, in the first storm and in the second (which
+    /// also pays for every client dropped).
+    pub server_us_per_connect: f64,
+    pub server_us_per_reconnect: f64,
 }
 
 pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
+    let cpu = procfs::cpu_seconds(&target.pid);
     let started = Instant::now();
     let (first, failed_first) = open_all(target.addr, clients)?;
     let connect_s = started.elapsed().as_secs_f64();
+    let connect_cpu = procfs::cpu_seconds(&target.pid) - cpu;
     if first.is_empty() {
         return Err(io::Error::other("no client could connect"));
     }
     let connected = first.len();
+    let cpu = procfs::cpu_seconds(&target.pid);
     drop(first);
     let started = Instant::now();
     let (again, failed_again) = open_all(target.addr, clients)?;
     let reconnect_s = started.elapsed().as_secs_f64();
+    let reconnect_cpu = procfs::cpu_seconds(&target.pid) - cpu;
     let reconnected = again.len();
     let groups: Vec<Vec<Conn>> = chunks(again, IN_FLIGHT);
     let (reached, _) = reach_all(groups)?;
@@ -59,6 +68,8 @@ pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
         reconnects_per_s: reconnected as f64 / reconnect_s,
         failed: failed_first + failed_again,
         reached,
+        server_us_per_connect: connect_cpu * 1e6 / connected as f64,
+        server_us_per_reconnect: reconnect_cpu * 1e6 / reconnected.max(1) as f64,
     })
 }
 

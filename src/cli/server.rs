@@ -88,10 +88,11 @@ pub struct ServerArgs {
     max_pending_per_ip: u32,
 
     /// Connection threads kept parked, after their client leaves, for the next clients to
-    /// come, 0 to 100000; 0 ends each thread with its connection
-    #[arg(long, value_name = "N", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    thread_cache: u32,
+    /// come, 0 to 2000000; 0 ends each thread with its connection [default: --max-clients
+    /// plus --max-pending]
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=2_000_000))]
+    thread_cache: Option<u32>,
 
     /// Seconds a parked connection thread waits for a new client before it ends, 1 to
     /// 86400
@@ -209,7 +210,7 @@ impl ServerArgs {
             .max_clients(self.max_clients as usize)
             .max_pending(self.max_pending as usize)
             .max_pending_per_ip(self.max_pending_per_ip as usize)
-            .thread_cache(self.thread_cache as usize)
+            .thread_cache(self.thread_cache.map(|n| n as usize))
             .thread_idle(secs(self.thread_idle))
             .rate(self.rate)
             .burst(self.burst)

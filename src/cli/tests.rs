@@ -70,8 +70,8 @@ fn numeric_options() -> Vec<Numeric> {
         },
         Numeric {
             flag: "--thread-cache",
-            range: 0..=100_000,
-            value: |c| n(c.thread_cache),
+            range: 0..=2_000_000,
+            value: |c| c.thread_cache.map_or(-1, n),
         },
         Numeric {
             flag: "--thread-idle",

@@ -162,7 +162,10 @@ impl Server {
             done: done_rx,
             workers: Workers::new(
                 CONNECTION_STACK,
-                context.config.thread_cache,
+                context
+                    .config
+                    .thread_cache
+                    .unwrap_or_else(|| thread_cap(&context.config)),
                 context.config.thread_idle,
             ),
         }));

@@ -11,6 +11,11 @@
 //! when a parked thread is waiting in it; otherwise it starts a new thread. A thread whose
 //! connection ends parks only if fewer than `--thread-cache` are parked already, and for
 //! at most `--thread-idle`; then it ends, so an idle server gives its memory back.
+//!
+//! Parking never adds a thread: a thread parks in place of the connection that ended, and
+//! a new one starts only when none is parked. So however large the cache, the server holds
+//! no more threads than its connections may (`--max-clients` plus `--max-pending`), and
+//! the cache's default is that many: every client of a storm finds a thread waiting.
 
 use std::collections::HashMap;
 use std::sync::Arc;
