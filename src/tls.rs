@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{MsgFlags, recv};
+use nix::sys::socket::{MsgFlags, recv, send};
 use parking_lot::Mutex;
 
 use crate::config::later;
@@ -211,6 +211,37 @@ impl Wire<'_> {
         match self.tls {
             Some(tls) => tls.read(self.sock, buf),
             None => (&*self.sock).read(buf),
+        }
+    }
+
+    /// Read what has arrived, without waiting: `WouldBlock` when nothing has. Over TLS
+    /// always `WouldBlock`: its reads go through [`Tls::read`].
+    ///
+    /// # Errors
+    /// As for a socket.
+    pub(crate) fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls {
+            Some(_) => Err(io::ErrorKind::WouldBlock.into()),
+            None => NoWait(self.sock).read(buf),
+        }
+    }
+
+    /// Write what the socket takes now, without waiting: how much it took. Over TLS
+    /// nothing: its writes are sealed first, by [`write_all`](Self::write_all).
+    ///
+    /// # Errors
+    /// As for a socket, but for a full socket buffer, which is 0.
+    pub(crate) fn write_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        if self.tls.is_some() {
+            return Ok(0);
+        }
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        loop {
+            match send(self.sock.as_raw_fd(), bytes, flags) {
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return Ok(0),
+                result => return result.map_err(io::Error::from),
+            }
         }
     }
 

@@ -45,8 +45,14 @@ const HANDSHAKE_FAILURE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x
 #[derive(Debug)]
 pub(crate) enum Outcome<'a> {
     /// The handshake succeeded; `leftover` holds bytes the client sent after its request,
-    /// and `slot` is the client's place in the chat.
-    Upgraded { leftover: Vec<u8>, slot: Slot<'a> },
+    /// and `slot` is the client's place in the chat. `timeouts_set` when the socket's
+    /// timeouts were set to keep the deadline (the client made us wait), so they need
+    /// clearing.
+    Upgraded {
+        leftover: Vec<u8>,
+        slot: Slot<'a>,
+        timeouts_set: bool,
+    },
     /// The request got an HTTP response; the connection ends.
     Answered { status: u16, detail: String },
     /// The client went away before sending a whole request.
@@ -96,6 +102,10 @@ pub(crate) fn handshake<'a>(
 ) -> io::Result<Outcome<'a>> {
     let (site, admission) = (context.site.as_ref(), &*context.admission);
     let mut buf = Vec::with_capacity(1024);
+    let deadline = &mut Deadline {
+        at: deadline,
+        timeouts_set: false,
+    };
     loop {
         if read_more(wire, &mut buf, deadline)? == 0 {
             return Ok(Outcome::Vanished);
@@ -119,7 +129,11 @@ pub(crate) fn handshake<'a>(
                     );
                     write_before(wire, deadline, head.as_bytes())?;
                     let leftover = buf[len..].to_vec();
-                    return Ok(Outcome::Upgraded { leftover, slot });
+                    return Ok(Outcome::Upgraded {
+                        leftover,
+                        slot,
+                        timeouts_set: deadline.timeouts_set,
+                    });
                 }
                 None => {
                     context.metrics.refused(Refused::Full);
@@ -349,24 +363,43 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Read what has arrived into `buf`, waiting no later than `deadline`.
-fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
+/// The handshake's deadline, and whether the socket's timeouts were set to keep it.
+struct Deadline {
+    at: Instant,
+    timeouts_set: bool,
+}
+
+/// Read what has arrived into `buf`, waiting no later than the deadline. What is there
+/// already is read without setting a timeout, which saves a system call or two on most
+/// connections: a request usually arrives with its connection.
+fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: &mut Deadline) -> io::Result<usize> {
     let len = buf.len();
     buf.resize(MAX_HEAD.min(len + 1024), 0);
-    let result = loop {
-        wire.sock.set_read_timeout(Some(time_left(deadline)?))?;
-        match wire.read(&mut buf[len..]) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            result => break result,
-        }
+    let result = match wire.read_now(&mut buf[len..]) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => loop {
+            deadline.timeouts_set = true;
+            wire.sock.set_read_timeout(Some(time_left(deadline.at)?))?;
+            match wire.read(&mut buf[len..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => break result,
+            }
+        },
+        result => result,
     };
     buf.truncate(len + *result.as_ref().unwrap_or(&0));
     result.map_err(timed_out)
 }
 
-fn write_before(wire: Wire<'_>, deadline: Instant, bytes: &[u8]) -> io::Result<()> {
-    wire.sock.set_write_timeout(Some(time_left(deadline)?))?;
-    wire.write_all(bytes).map_err(timed_out)
+/// Write `bytes` before the deadline: at once if the socket takes them all, as it
+/// nearly always does with an answer this small.
+fn write_before(wire: Wire<'_>, deadline: &mut Deadline, bytes: &[u8]) -> io::Result<()> {
+    let sent = wire.write_now(bytes)?;
+    if sent == bytes.len() {
+        return Ok(());
+    }
+    deadline.timeouts_set = true;
+    wire.sock.set_write_timeout(Some(time_left(deadline.at)?))?;
+    wire.write_all(&bytes[sent..]).map_err(timed_out)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::Instant;
 
-use broadcast_chat::ServerConfig;
+use broadcast_chat::{ServerConfig, WELCOME};
 use tungstenite::Message;
 
 use crate::support::*;
@@ -90,6 +90,31 @@ fn a_silent_connection_is_closed_at_the_handshake_deadline() {
         waited < ms(300) + ms(2000),
         "soon after the deadline: {waited:?}"
     );
+}
+
+#[test]
+fn a_client_that_made_the_handshake_wait_may_then_be_idle_past_its_deadline() {
+    let server = server(
+        ServerConfig::default()
+            .handshake_timeout(ms(500))
+            .ping_interval(None),
+    );
+    let mut raw = Raw::connect(server.local_addr());
+    // The request in two parts, so the server waits for the second under the deadline.
+    raw.write(b"GET / HTTP/1.1\r\nHost: x\r\n");
+    thread::sleep(ms(100));
+    raw.write(
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert!(raw.read_head().starts_with("HTTP/1.1 101"));
+    assert_eq!(raw.read_frame().1, WELCOME.as_bytes());
+    // Quiet for twice the handshake deadline: a joined client is no longer under it.
+    thread::sleep(ms(1000));
+    raw.masked(0x81, b"still here");
+    let (opcode, text) = raw.read_frame();
+    assert_eq!(opcode, 1);
+    assert!(text.ends_with(b": still here"), "{text:?}");
 }
 
 #[test]
