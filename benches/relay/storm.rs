@@ -4,12 +4,12 @@
 //! event-driven load generator does, so that the harness is not what limits the rate) and
 //! opens `clients` connections, each through the WebSocket handshake and the welcome, and
 //! keeps them open: new connections per second. Then every one of them is dropped at once,
-//! as when a network blips or a node behind a load balancer goes away, and all reconnect
-//! at once, 64 in flight again: the time until the last is back in. One broadcast then
-//! reaches them all.
+//! as when a network blips or a node behind a load balancer goes away; once the server has
+//! seen them go (its CPU time stops growing), all reconnect at once, 64 in flight again:
+//! the time until the last is back in. One broadcast then reaches them all.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,9 @@ pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
         return Err(io::Error::other("no client could connect"));
     }
     let connected = first.len();
-    let cpu = procfs::cpu_seconds(&target.pid);
     drop(first);
+    settle(&target.pid);
+    let cpu = procfs::cpu_seconds(&target.pid);
     let started = Instant::now();
     let (again, failed_again) = open_all(target.addr, clients)?;
     let reconnect_s = started.elapsed().as_secs_f64();
@@ -73,6 +74,21 @@ pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
     })
 }
 
+/// Wait until the server's CPU time stops growing (under 5 ms in 100 ms): it has dealt
+/// with the clients that left. At most 10 s.
+fn settle(pid: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut before = procfs::cpu_seconds(pid);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = procfs::cpu_seconds(pid);
+        if now - before < 0.005 {
+            return;
+        }
+        before = now;
+    }
+}
+
 /// Open `clients` connections, [`IN_FLIGHT`] at a time, on this thread. Returns those
 /// that got in, and how many did not.
 fn open_all(addr: SocketAddr, clients: usize) -> io::Result<(Vec<Conn>, usize)> {
@@ -80,14 +96,15 @@ fn open_all(addr: SocketAddr, clients: usize) -> io::Result<(Vec<Conn>, usize)> 
     let mut open = Vec::with_capacity(clients);
     let mut under_way: Vec<Attempt> = Vec::with_capacity(IN_FLIGHT);
     let (mut started, mut failed) = (0, 0);
+    let mut first_error = None;
     while started < clients || !under_way.is_empty() {
         while under_way.len() < IN_FLIGHT && started < clients {
             started += 1;
-            match Attempt::start(addr) {
+            match Attempt::start(addr, started) {
                 Ok(attempt) => under_way.push(attempt),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("storm: cannot connect: {e}");
+                    first_error.get_or_insert_with(|| format!("cannot connect: {e}"));
                 }
             }
         }
@@ -118,17 +135,20 @@ fn open_all(addr: SocketAddr, clients: usize) -> io::Result<(Vec<Conn>, usize)> 
                         Ok(conn) => open.push(conn),
                         Err(e) => {
                             failed += 1;
-                            eprintln!("storm: handshake failed: {e}");
+                            first_error.get_or_insert_with(|| format!("handshake failed: {e}"));
                         }
                     }
                 }
                 Err(e) => {
                     under_way.swap_remove(i);
                     failed += 1;
-                    eprintln!("storm: handshake failed: {e}");
+                    first_error.get_or_insert_with(|| format!("handshake failed: {e}"));
                 }
             }
         }
+    }
+    if let Some(error) = first_error {
+        eprintln!("storm: {failed} of {clients} did not get in; the first: {error}");
     }
     Ok((open, failed))
 }
@@ -142,10 +162,19 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn start(addr: SocketAddr) -> io::Result<Attempt> {
+    /// Start connecting, as the `n`th client: on loopback, from one of 250 addresses in
+    /// turn (127.0.0.2 to 127.0.0.251), so that two storms of 10 000 and the sockets
+    /// earlier scenarios left in TIME_WAIT do not run out of ephemeral ports, which would
+    /// slow every `connect` down.
+    fn start(addr: SocketAddr, n: usize) -> io::Result<Attempt> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
+        if addr.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            let host = u8::try_from(2 + n % 250).expect("at most 251");
+            let from = SocketAddr::from(([127, 0, 0, host], 0));
+            socket.bind(&from.into())?;
+        }
         match socket.connect(&addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

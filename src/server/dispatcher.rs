@@ -148,6 +148,7 @@ impl<O: Outlet> Dispatcher<O> {
                 for event in inbox.ready(EVENTS_PER_VISIT) {
                     self.handle(event);
                 }
+                inbox.made_room();
                 self.visit();
                 // Under load, look at the clock only now and then, not once per delivery.
                 self.visits = self.visits.wrapping_add(1);

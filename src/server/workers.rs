@@ -7,23 +7,29 @@
 //! acceptor hands it, as database servers have done for decades. When clients come back
 //! together after a network blip or a load balancer's failover, most find a thread waiting.
 //!
-//! The acceptor hands a connection over a channel of zero capacity, which succeeds only
-//! when a parked thread is waiting in it; otherwise it starts a new thread. A thread whose
-//! connection ends parks only if fewer than `--thread-cache` are parked already, and for
-//! at most `--thread-idle`; then it ends, so an idle server gives its memory back.
+//! Parked threads wait on a stack: the acceptor hands a connection to the one parked last
+//! (whose stack and caches are warmest) and wakes it, or starts a new thread when none is
+//! parked. A thread whose connection ends parks only if fewer than `--thread-cache` are
+//! parked already, and for at most `--thread-idle`; then it ends, so an idle server gives
+//! its memory back. Parking is `thread::park`, with no spinning or yielding first: when
+//! thousands of clients leave at once, thousands of threads park at once on one core, and
+//! every yield would hand the core to another of them.
 //!
 //! Parking never adds a thread: a thread parks in place of the connection that ended, and
 //! a new one starts only when none is parked. So however large the cache, the server holds
 //! no more threads than its connections may (`--max-clients` plus `--max-pending`), and
 //! the cache's default is that many: every client of a storm finds a thread waiting.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::mem;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::config::later;
 
 /// Work for a connection thread: one connection, start to end.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
@@ -31,13 +37,7 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 /// The connection threads, busy or parked; each is joined once it ends.
 #[derive(Debug)]
 pub(crate) struct Workers {
-    /// To a parked thread; gone once the server stops, which ends every parked thread.
-    handoff: Option<Sender<Job>>,
-    parked: Receiver<Job>,
-    idle: Arc<AtomicUsize>,
-    /// The most threads parked at once, and for how long.
-    cache: usize,
-    park_for: Duration,
+    parked: Arc<Mutex<Parked>>,
     stack_size: usize,
     threads: HashMap<u64, JoinHandle<()>>,
     next: u64,
@@ -46,18 +46,59 @@ pub(crate) struct Workers {
     ended_tx: Sender<u64>,
 }
 
+/// The parked threads, the one parked last at the back. Those that waited longest, and
+/// so end first, are at the front, where they take themselves off.
+#[derive(Debug)]
+struct Parked {
+    stack: VecDeque<Arc<Waiting>>,
+    /// The most threads parked at once, and for how long.
+    cache: usize,
+    park_for: Duration,
+    /// The server is stopping: no thread parks any more.
+    closed: bool,
+}
+
+/// One parked thread, and what it is waiting for.
+#[derive(Debug)]
+struct Waiting {
+    thread: Thread,
+    slot: Mutex<Slot>,
+}
+
+enum Slot {
+    /// On the stack, waiting.
+    Parked,
+    /// Handed a connection.
+    Job(Job),
+    /// Told to end: the server is stopping.
+    Closed,
+    /// It waited too long and ended; its entry is dropped when it comes to the top.
+    Gone,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Slot::Parked => "Parked",
+            Slot::Job(_) => "Job",
+            Slot::Closed => "Closed",
+            Slot::Gone => "Gone",
+        })
+    }
+}
+
 impl Workers {
     /// Threads with stacks of `stack_size` bytes, up to `cache` of them parked for up to
     /// `park_for` each.
     pub(crate) fn new(stack_size: usize, cache: usize, park_for: Duration) -> Self {
-        let (handoff, parked) = crossbeam_channel::bounded(0);
         let (ended_tx, ended) = crossbeam_channel::unbounded();
         Self {
-            handoff: Some(handoff),
-            parked,
-            idle: Arc::new(AtomicUsize::new(0)),
-            cache,
-            park_for,
+            parked: Arc::new(Mutex::new(Parked {
+                stack: VecDeque::new(),
+                cache,
+                park_for,
+                closed: false,
+            })),
             stack_size,
             threads: HashMap::new(),
             next: 0,
@@ -66,22 +107,19 @@ impl Workers {
         }
     }
 
-    /// Run `job` on a parked thread, or on a new one.
+    /// Run `job` on the thread parked last, or on a new one.
     ///
     /// # Errors
     /// No thread could be started (the system is out of threads or memory maps).
     pub(crate) fn run(&mut self, job: Job) -> std::io::Result<()> {
         self.reap();
-        let job = match self.handoff.as_ref().map(|h| h.try_send(job)) {
-            Some(Ok(())) => return Ok(()),
-            Some(Err(TrySendError::Full(job) | TrySendError::Disconnected(job))) => job,
-            None => return Err(std::io::ErrorKind::BrokenPipe.into()),
+        let job = match hand_over(&self.parked, job) {
+            None => return Ok(()),
+            Some(job) => job,
         };
         self.next += 1;
         let number = self.next;
-        let parked = self.parked.clone();
-        let idle = Arc::clone(&self.idle);
-        let (cache, park_for) = (self.cache, self.park_for);
+        let parked = Arc::clone(&self.parked);
         let ended = Ended {
             number,
             tx: self.ended_tx.clone(),
@@ -90,7 +128,7 @@ impl Workers {
             .stack_size(self.stack_size)
             .spawn(move || {
                 let _ended = ended;
-                serve(job, &parked, &idle, cache, park_for);
+                serve(job, &parked);
             })?;
         self.threads.insert(number, thread);
         Ok(())
@@ -106,7 +144,18 @@ impl Workers {
     /// End the parked threads and join every thread; the busy ones must be ending (their
     /// connections cut) for this to return.
     pub(crate) fn stop(&mut self) {
-        self.handoff = None;
+        let waiting = {
+            let mut parked = self.parked.lock();
+            parked.closed = true;
+            mem::take(&mut parked.stack)
+        };
+        for thread in waiting {
+            let mut slot = thread.slot.lock();
+            if matches!(*slot, Slot::Parked) {
+                *slot = Slot::Closed;
+                thread.thread.unpark();
+            }
+        }
         let numbers: Vec<u64> = self.threads.keys().copied().collect();
         for number in numbers {
             self.join(number);
@@ -121,21 +170,78 @@ impl Workers {
     }
 }
 
+/// Give `job` to the thread parked last and wake it; `job` back if none is parked.
+fn hand_over(parked: &Mutex<Parked>, job: Job) -> Option<Job> {
+    let mut parked = parked.lock();
+    while let Some(waiting) = parked.stack.pop_back() {
+        let mut slot = waiting.slot.lock();
+        if matches!(*slot, Slot::Parked) {
+            *slot = Slot::Job(job);
+            drop(slot);
+            waiting.thread.unpark();
+            return None;
+        }
+    }
+    Some(job)
+}
+
 /// A connection thread's life: its first job, then whatever it is handed while parked.
-fn serve(first: Job, parked: &Receiver<Job>, idle: &AtomicUsize, cache: usize, park_for: Duration) {
+fn serve(first: Job, parked: &Mutex<Parked>) {
+    let me = Arc::new(Waiting {
+        thread: thread::current(),
+        slot: Mutex::new(Slot::Parked),
+    });
     let mut job = first;
     loop {
         job();
-        if idle.fetch_add(1, Ordering::AcqRel) >= cache {
-            idle.fetch_sub(1, Ordering::AcqRel);
-            return;
+        let park_for = {
+            let mut parked = parked.lock();
+            if parked.closed || parked.stack.len() >= parked.cache {
+                return;
+            }
+            *me.slot.lock() = Slot::Parked;
+            parked.stack.push_back(Arc::clone(&me));
+            parked.park_for
+        };
+        match wait(&me, later(Instant::now(), park_for)) {
+            Some(next) => job = next,
+            None => {
+                take_off_the_gone(parked);
+                return;
+            }
         }
-        let next = parked.recv_timeout(park_for);
-        idle.fetch_sub(1, Ordering::AcqRel);
-        match next {
-            Ok(next) => job = next,
-            Err(_) => return,
+    }
+}
+
+/// Drop the entries of threads that have ended from the front of the stack. (Not under
+/// a thread's own slot lock: the stack's lock comes first.)
+fn take_off_the_gone(parked: &Mutex<Parked>) {
+    let mut parked = parked.lock();
+    while parked
+        .stack
+        .front()
+        .is_some_and(|front| matches!(*front.slot.lock(), Slot::Gone))
+    {
+        parked.stack.pop_front();
+    }
+}
+
+/// Wait on the stack until handed a job, told to end, or `deadline`.
+fn wait(me: &Waiting, deadline: Instant) -> Option<Job> {
+    loop {
+        {
+            let mut slot = me.slot.lock();
+            match mem::replace(&mut *slot, Slot::Parked) {
+                Slot::Job(job) => return Some(job),
+                Slot::Closed | Slot::Gone => return None,
+                Slot::Parked if Instant::now() >= deadline => {
+                    *slot = Slot::Gone;
+                    return None;
+                }
+                Slot::Parked => {}
+            }
         }
+        thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
