@@ -139,9 +139,9 @@ pub fn between(
     );
     let harness_cpu = procfs::cpu_seconds("self") - harness_cpu;
     let elapsed = last_receipt.duration_since(epoch).as_secs_f64();
-    let per_delivery = |cpu: f64| {
+    let per_delivery = |amount: f64| {
         if deliveries > 0 {
-            cpu * 1e6 / deliveries as f64
+            amount / deliveries as f64
         } else {
             0.0
         }
@@ -162,10 +162,10 @@ pub fn between(
         max_us: histogram.iter().rposition(|&n| n > 0).unwrap_or(0) as f64,
         lost,
         disconnected,
-        server_us_per_delivery: per_delivery(server_cpu),
-        harness_us_per_delivery: per_delivery(harness_cpu),
-        voluntary_per_delivery: per_delivery(switches.0 / 1e6),
-        involuntary_per_delivery: per_delivery(switches.1 / 1e6),
+        server_us_per_delivery: per_delivery(server_cpu * 1e6),
+        harness_us_per_delivery: per_delivery(harness_cpu * 1e6),
+        voluntary_per_delivery: per_delivery(switches.0),
+        involuntary_per_delivery: per_delivery(switches.1),
     })
 }
 

@@ -98,7 +98,7 @@ pub fn reach_all(mut groups: Vec<Vec<Conn>>) -> io::Result<(usize, Duration)> {
     Ok((reached, last))
 }
 
-pub fn open_many(target: &Target, n: usize) -> Vec<Conn> {
+fn open_many(target: &Target, n: usize) -> Vec<Conn> {
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
         match Conn::open(target.addr, Duration::from_secs(10), target.tls.as_ref()) {

@@ -42,6 +42,8 @@ pub struct Storm {
 }
 
 pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
+    // Clients of earlier scenarios may still be leaving.
+    settle(&target.pid);
     let cpu = procfs::cpu_seconds(&target.pid);
     let started = Instant::now();
     let (first, failed_first) = open_all(target.addr, clients)?;

@@ -145,10 +145,12 @@ impl<O: Outlet> Dispatcher<O> {
         inbox.listen();
         loop {
             if !self.is_idle() {
+                let mut taken = 0;
                 for event in inbox.ready(EVENTS_PER_VISIT) {
                     self.handle(event);
+                    taken += 1;
                 }
-                inbox.made_room();
+                inbox.made_room(taken);
                 self.visit();
                 // Under load, look at the clock only now and then, not once per delivery.
                 self.visits = self.visits.wrapping_add(1);

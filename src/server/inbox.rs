@@ -94,8 +94,9 @@ struct Room {
     freed: Condvar,
 }
 
-/// How long a sender waits for room before it looks again, should a wake-up be missed.
-const RECHECK: Duration = Duration::from_millis(10);
+/// How long a sender waits for room before it looks again, should a wake-up be missed
+/// (none should: this only bounds the cost of a bug).
+const RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 struct Bell {
@@ -168,21 +169,26 @@ impl<O> Inbox<O> {
     }
 
     /// The events waiting now, at most `max`, without waiting. Call
-    /// [`made_room`](Self::made_room) after taking them.
+    /// [`made_room`](Self::made_room) with how many were taken.
     pub(crate) fn ready(&self, max: usize) -> impl Iterator<Item = Event<O>> + '_ {
         self.rx.try_iter().take(max)
     }
 
-    /// Wake the senders waiting for room in the queue, if any: events have been taken.
-    /// The lock orders this after a sender's last look at the queue, or before it.
-    pub(crate) fn made_room(&self) {
-        if self.room.waiting.load(Ordering::SeqCst) > 0 {
-            let _guard = self
-                .room
-                .lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.room.freed.notify_all();
+    /// `taken` events have left the queue: wake as many of the senders waiting for room,
+    /// if any, one each, so that a storm of them does not all wake for a few places. The
+    /// lock orders this after a sender's last look at the queue, or before it.
+    pub(crate) fn made_room(&self, taken: usize) {
+        let waiting = self.room.waiting.load(Ordering::SeqCst);
+        if waiting == 0 || taken == 0 {
+            return;
+        }
+        let _guard = self
+            .room
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for _ in 0..waiting.min(taken) {
+            self.room.freed.notify_one();
         }
     }
 
@@ -193,7 +199,7 @@ impl<O> Inbox<O> {
         fence(Ordering::SeqCst);
         let event = match self.rx.try_recv() {
             Ok(event) => {
-                self.made_room();
+                self.made_room(1);
                 Ok(Some(event))
             }
             Err(TryRecvError::Empty) => {
@@ -231,13 +237,14 @@ mod tests {
             .collect();
         drop(events);
         inbox.listen();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Were a wake-up missed, a sender would wait a second (RECHECK) for each event.
+        let deadline = Instant::now() + Duration::from_secs(10);
         let mut next = [0u64; SENDERS as usize];
         let mut received = 0;
         while received < SENDERS * EACH {
             assert!(Instant::now() < deadline, "stuck after {received} events");
             let mut taken: Vec<Event<()>> = inbox.ready(3).collect();
-            inbox.made_room();
+            inbox.made_room(taken.len());
             if taken.is_empty()
                 && let Ok(Some(event)) = inbox.wait(Instant::now() + Duration::from_millis(50))
             {

@@ -1,10 +1,13 @@
 //! The server: the accept loop, one thread per connection, and an orderly shutdown.
 //!
 //! Threads and their owners:
-//! - the **acceptor** blocks in `accept()`, starts a connection thread per client and joins
-//!   the ones that have ended each time it wakes; [`Server::shutdown`] joins the acceptor;
+//! - the **acceptor** blocks in `accept()` and gives each client a connection thread, a
+//!   parked one if there is one (see [`workers`]); it joins the threads that have ended
+//!   each time it wakes, as does each thread that ends for want of work;
+//!   [`Server::shutdown`] joins it;
 //! - each **connection thread** does the handshake and reads its client (see
-//!   [`super::connection`]); it joins its client's short-lived writer thread, if any;
+//!   [`super::connection`]), then parks for the next; it joins its client's short-lived
+//!   writer thread, if any;
 //! - in a fleet, a **Redis writer** and a **Redis reader** (see [`backplane`]);
 //!   [`Server::shutdown`] stops the writer once the connection threads are cut, and the
 //!   reader after they have ended;
@@ -66,8 +69,8 @@ mod workers;
 /// buys headroom at no cost.
 const CONNECTION_STACK: usize = 128 * 1024;
 
-/// Connection threads allowed beyond `max_clients + max_pending`: handshakes just cut to
-/// make room, whose threads are still ending. Past this, new connections are closed at
+/// Connections allowed beyond `max_clients + max_pending`: handshakes just cut to make
+/// room, whose threads are still ending them. Past this, new connections are closed at
 /// once, without a thread.
 const ENDING_THREADS: usize = 64;
 
@@ -161,11 +164,14 @@ impl Server {
             live: HashMap::new(),
             done: done_rx,
             workers: Workers::new(
+                thread_cap(&context.config),
                 CONNECTION_STACK,
-                context
-                    .config
-                    .thread_cache
-                    .unwrap_or_else(|| thread_cap(&context.config)),
+                context.config.thread_cache.unwrap_or(
+                    context
+                        .config
+                        .max_clients
+                        .saturating_add(context.config.max_pending),
+                ),
                 context.config.thread_idle,
             ),
         }));
@@ -414,8 +420,8 @@ impl Acceptor {
             self.context.metrics.refused(Refused::Busy);
             if let Some(more) = self.refusals.ready() {
                 warn!(
-                    "closing {addr} at once: {threads} connection threads are running, \
-                     the most --max-clients and --max-pending allow{more}"
+                    "closing {addr} at once: {threads} connections are open, the most \
+                     --max-clients and --max-pending allow{more}"
                 );
             }
             return;

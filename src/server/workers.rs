@@ -11,18 +11,20 @@
 //! (whose stack and caches are warmest) and wakes it, or starts a new thread when none is
 //! parked. A thread whose connection ends parks only if fewer than `--thread-cache` are
 //! parked already, and for at most `--thread-idle`; then it ends, so an idle server gives
-//! its memory back. Parking is `thread::park`, with no spinning or yielding first: when
+//! its memory back. A thread that ends joins those that ended before it, and the acceptor
+//! joins the rest as it wakes, so no ended thread's stack stays mapped for long. Parking is `thread::park`, with no spinning or yielding first: when
 //! thousands of clients leave at once, thousands of threads park at once on one core, and
 //! every yield would hand the core to another of them.
 //!
-//! Parking never adds a thread: a thread parks in place of the connection that ended, and
-//! a new one starts only when none is parked. So however large the cache, the server holds
-//! no more threads than its connections may (`--max-clients` plus `--max-pending`), and
-//! the cache's default is that many: every client of a storm finds a thread waiting.
+//! Threads never outnumber the limit the server gives (as many as it may have
+//! connections): with none parked and that many busy, some still finishing connections
+//! that have ended, a new connection is closed at once rather than given one more. So
+//! however large the cache, the server holds no more threads than its connections may,
+//! and the cache's default is that many: every client of a storm finds a thread waiting.
 
 use std::collections::{HashMap, VecDeque};
 use std::mem;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -38,12 +40,26 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub(crate) struct Workers {
     parked: Arc<Mutex<Parked>>,
+    threads: Arc<Threads>,
+    /// The most threads at once, busy or parked.
+    limit: usize,
     stack_size: usize,
-    threads: HashMap<u64, JoinHandle<()>>,
-    next: u64,
+}
+
+/// Every thread not yet joined. Under a `std` mutex, which sleeps rather than yields when
+/// thousands of threads ending at once want it.
+#[derive(Debug)]
+struct Threads {
+    joinable: StdMutex<Joinable>,
     /// Each thread sends its number here as its last act.
-    ended: Receiver<u64>,
     ended_tx: Sender<u64>,
+}
+
+#[derive(Debug)]
+struct Joinable {
+    handles: HashMap<u64, JoinHandle<()>>,
+    next: u64,
+    ended: Receiver<u64>,
 }
 
 /// The parked threads, the one parked last at the back. Those that waited longest, and
@@ -72,7 +88,7 @@ enum Slot {
     Job(Job),
     /// Told to end: the server is stopping.
     Closed,
-    /// It waited too long and ended; its entry is dropped when it comes to the top.
+    /// It waited too long and ended; its entry is dropped once it reaches the front.
     Gone,
 }
 
@@ -88,9 +104,9 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Workers {
-    /// Threads with stacks of `stack_size` bytes, up to `cache` of them parked for up to
-    /// `park_for` each.
-    pub(crate) fn new(stack_size: usize, cache: usize, park_for: Duration) -> Self {
+    /// At most `limit` threads with stacks of `stack_size` bytes, up to `cache` of them
+    /// parked for up to `park_for` each.
+    pub(crate) fn new(limit: usize, stack_size: usize, cache: usize, park_for: Duration) -> Self {
         let (ended_tx, ended) = crossbeam_channel::unbounded();
         Self {
             parked: Arc::new(Mutex::new(Parked {
@@ -99,51 +115,62 @@ impl Workers {
                 park_for,
                 closed: false,
             })),
+            threads: Arc::new(Threads {
+                joinable: StdMutex::new(Joinable {
+                    handles: HashMap::new(),
+                    next: 0,
+                    ended,
+                }),
+                ended_tx,
+            }),
+            limit,
             stack_size,
-            threads: HashMap::new(),
-            next: 0,
-            ended,
-            ended_tx,
         }
     }
 
     /// Run `job` on the thread parked last, or on a new one.
     ///
     /// # Errors
-    /// No thread could be started (the system is out of threads or memory maps).
-    pub(crate) fn run(&mut self, job: Job) -> std::io::Result<()> {
-        self.reap();
+    /// Every thread the limit allows is busy, or no thread could be started (the system
+    /// is out of threads or memory maps). `job` is dropped.
+    pub(crate) fn run(&self, job: Job) -> std::io::Result<()> {
         let job = match hand_over(&self.parked, job) {
             None => return Ok(()),
             Some(job) => job,
         };
-        self.next += 1;
-        let number = self.next;
+        // Started under the lock, so that no thread is joined before its handle is kept.
+        let mut joinable = self.threads.lock();
+        if joinable.handles.len() >= self.limit {
+            return Err(std::io::Error::other(format!(
+                "all {} connection threads are busy, some still ending connections",
+                self.limit
+            )));
+        }
+        joinable.next += 1;
+        let number = joinable.next;
         let parked = Arc::clone(&self.parked);
-        let ended = Ended {
-            number,
-            tx: self.ended_tx.clone(),
-        };
-        let thread = thread::Builder::new()
+        let threads = Arc::clone(&self.threads);
+        let handle = thread::Builder::new()
             .stack_size(self.stack_size)
             .spawn(move || {
-                let _ended = ended;
-                serve(job, &parked);
+                let _ended = Ended {
+                    number,
+                    tx: threads.ended_tx.clone(),
+                };
+                serve(job, &parked, &threads);
             })?;
-        self.threads.insert(number, thread);
+        joinable.handles.insert(number, handle);
         Ok(())
     }
 
     /// Join the threads that have ended.
-    pub(crate) fn reap(&mut self) {
-        while let Ok(number) = self.ended.try_recv() {
-            self.join(number);
-        }
+    pub(crate) fn reap(&self) {
+        self.threads.reap();
     }
 
     /// End the parked threads and join every thread; the busy ones must be ending (their
     /// connections cut) for this to return.
-    pub(crate) fn stop(&mut self) {
+    pub(crate) fn stop(&self) {
         let waiting = {
             let mut parked = self.parked.lock();
             parked.closed = true;
@@ -156,18 +183,34 @@ impl Workers {
                 thread.thread.unpark();
             }
         }
-        let numbers: Vec<u64> = self.threads.keys().copied().collect();
-        for number in numbers {
-            self.join(number);
+        // Joined without the lock, which a thread ending meanwhile takes to reap.
+        let handles = mem::take(&mut self.threads.lock().handles);
+        for (_, handle) in handles {
+            join(handle);
         }
+    }
+}
+
+impl Threads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Joinable> {
+        self.joinable.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn join(&mut self, number: u64) {
-        if let Some(thread) = self.threads.remove(&number) {
-            // A panic was logged, with the client it cost, as the connection ended.
-            let _ = thread.join();
+    /// Join the threads that have ended: they have sent their number, so each join
+    /// returns as soon as that thread is gone.
+    fn reap(&self) {
+        let mut joinable = self.lock();
+        while let Ok(number) = joinable.ended.try_recv() {
+            if let Some(handle) = joinable.handles.remove(&number) {
+                join(handle);
+            }
         }
     }
+}
+
+fn join(handle: JoinHandle<()>) {
+    // A panic was logged, with the client it cost, as the connection ended.
+    let _ = handle.join();
 }
 
 /// Give `job` to the thread parked last and wake it; `job` back if none is parked.
@@ -186,7 +229,8 @@ fn hand_over(parked: &Mutex<Parked>, job: Job) -> Option<Job> {
 }
 
 /// A connection thread's life: its first job, then whatever it is handed while parked.
-fn serve(first: Job, parked: &Mutex<Parked>) {
+/// A thread that ends for want of work joins those that ended before it.
+fn serve(first: Job, parked: &Mutex<Parked>, threads: &Threads) {
     let me = Arc::new(Waiting {
         thread: thread::current(),
         slot: Mutex::new(Slot::Parked),
@@ -207,6 +251,7 @@ fn serve(first: Job, parked: &Mutex<Parked>) {
             Some(next) => job = next,
             None => {
                 take_off_the_gone(parked);
+                threads.reap();
                 return;
             }
         }
