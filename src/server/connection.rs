@@ -67,7 +67,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
     if let Some(tls) = &context.tls {
         match tls.accept(&peer.stream, deadline) {
             Ok(started) => {
-                let _ = peer.tls.set(Box::new(started));
+                let _ = peer.tls.set(started);
             }
             Err(refusal) => {
                 refused_tls(peer, context, refusal);

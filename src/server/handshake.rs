@@ -37,6 +37,9 @@ use crate::tls::Wire;
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
 /// The most header lines we accept.
 const MAX_HEADERS: usize = 32;
+/// Room for header lines while parsing: more than [`MAX_HEADERS`], so that the block is
+/// larger than glibc's per-thread cache takes (40 × 32 bytes).
+const HEADER_SLOTS: usize = 40;
 /// A TLS record holding a fatal `handshake_failure` alert: what a TLS client that reached
 /// a plaintext port is told, so it reports a failed handshake rather than garbage.
 const HANDSHAKE_FAILURE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
@@ -151,21 +154,32 @@ pub(crate) fn handshake<'a>(
 
 /// What to answer to the bytes of a request head received so far.
 pub(crate) fn reply<'s>(buf: &[u8], site: Option<&'s Site>, origins: &Origins) -> Reply<'s> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // On the heap: a kilobyte and more of stack, at the deepest point of a connection
+    // thread's life, would cost every idle client a resident stack page. Past glibc's
+    // per-thread cache (1032 bytes), the block goes back to the arena, not to a cache each
+    // idle thread would keep.
+    let mut headers = vec![httparse::EMPTY_HEADER; HEADER_SLOTS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
+        Ok(httparse::Status::Complete(_)) if request.headers.len() > MAX_HEADERS => {
+            too_many_headers()
+        }
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => Reply::Respond(Response::error(
             431,
             "request headers are larger than 8 KiB".into(),
         )),
         Ok(httparse::Status::Partial) => Reply::Incomplete,
         Ok(httparse::Status::Complete(len)) => answer(&request, len, site, origins),
-        Err(httparse::Error::TooManyHeaders) => Reply::Respond(Response::error(
-            431,
-            "too many request headers (limit 32)".into(),
-        )),
+        Err(httparse::Error::TooManyHeaders) => too_many_headers(),
         Err(e) => Reply::Respond(Response::error(400, format!("malformed request: {e}"))),
     }
+}
+
+fn too_many_headers() -> Reply<'static> {
+    Reply::Respond(Response::error(
+        431,
+        format!("too many request headers (limit {MAX_HEADERS})"),
+    ))
 }
 
 fn answer<'s>(

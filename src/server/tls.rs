@@ -93,13 +93,18 @@ impl ServerTls {
     /// Start TLS on a new connection, all before `deadline`. A client that speaks plain
     /// HTTP is told in plain HTTP to use `https://` or `wss://`.
     ///
+    /// Never inlined, and the state comes back boxed: rustls's connection state is over a
+    /// kilobyte, and in the caller's frame it would cost every connection thread,
+    /// plaintext ones too, a stack page that stays resident.
+    ///
     /// # Errors
     /// [`Refusal`], saying what happened.
+    #[inline(never)]
     pub(crate) fn accept(
         &self,
         sock: &TcpStream,
         deadline: Instant,
-    ) -> std::result::Result<Tls, Refusal> {
+    ) -> std::result::Result<Box<Tls>, Refusal> {
         let mut first = [0u8; 1];
         let peeked = time_left(deadline)
             .and_then(|left| sock.set_read_timeout(Some(left)))
@@ -121,7 +126,7 @@ impl ServerTls {
         }
         let conn = rustls::ServerConnection::new(Arc::clone(&self.config))
             .map_err(|e| Refusal::Failed(io::Error::other(e)))?;
-        let tls = Tls::new(conn);
+        let tls = Box::new(Tls::new(conn));
         tls.handshake(sock, deadline).map_err(Refusal::Failed)?;
         Ok(tls)
     }

@@ -22,6 +22,27 @@ fn the_rfc_example_is_accepted_with_the_rfc_answer() {
 }
 
 #[test]
+fn a_request_may_have_32_header_lines_and_not_33() {
+    let upgrade = |extra: usize| {
+        let lines: String = (0..extra).map(|i| format!("X-H{i}: v\r\n")).collect();
+        GOOD.replacen("Host: x\r\n", &format!("Host: x\r\n{lines}"), 1)
+    };
+    // GOOD has five header lines.
+    let fits = upgrade(MAX_HEADERS - 5);
+    assert!(matches!(
+        reply(fits.as_bytes(), None, &Origins::default()),
+        Reply::Upgrade { .. }
+    ));
+    for extra in [MAX_HEADERS - 4, HEADER_SLOTS, HEADER_SLOTS + 1] {
+        let request = upgrade(extra);
+        match reply(request.as_bytes(), None, &Origins::default()) {
+            Reply::Respond(response) => assert_eq!(response.status, 431, "{extra} more"),
+            other => panic!("{extra} more: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn each_missing_or_wrong_part_is_refused() {
     for (from, to, status) in [
         ("HTTP/1.1\r\nHost", "HTTP/1.0\r\nHost", 400),
