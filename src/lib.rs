@@ -21,10 +21,12 @@
 //! ```
 //!
 //! How it is built: [`server`](Server) accepts connections and gives each a thread
-//! (`connection`), which does the handshake (`handshake`, and `web` for the page) and reads
-//! the client's frames. One dispatcher thread (`dispatcher`) owns the client list and the
-//! recent messages and writes every broadcast (`peer`) in the wire format (`message`).
-//! [`client`] is the command-line client; [`cli`] holds what both binaries share.
+//! (`connection`, kept for the next client by `workers`), which does the handshake
+//! (`handshake`, and `web` for the page) and reads the client's frames. One dispatcher
+//! thread (`dispatcher`) owns the client list and the recent messages and writes every
+//! broadcast (`peer`) in the wire format (`message`). With a certificate, both sides speak
+//! TLS (`tls`) on the socket their two threads share. [`client`] is the command-line
+//! client; [`cli`] holds what both binaries share.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations, unused_must_use)]
