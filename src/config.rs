@@ -57,11 +57,10 @@ pub struct ServerConfig {
     /// next clients without starting a thread each. Default `None`: as many as there may
     /// be connections (`max_clients` plus `max_pending`), so that when every client
     /// reconnects at once (a network blip, a load balancer's failover) each finds a
-    /// thread waiting. A thread parks only in place of a connection that ended, so the
-    /// cache never takes the server past the threads its clients may hold anyway (and
-    /// the memory mappings and process ids they cost); it only keeps them for up to
-    /// `thread_idle` after the clients have gone. Zero ends each thread with its
-    /// connection.
+    /// thread waiting. Threads never outnumber the connections the server allows (and the
+    /// memory mappings and process ids those cost), however large the cache: it only
+    /// keeps them for up to `thread_idle` after the clients have gone. Zero ends each
+    /// thread with its connection.
     pub thread_cache: Option<usize>,
     /// How long a parked thread waits for a new client before it ends, so that an idle
     /// server gives its memory back. Default 30 s.

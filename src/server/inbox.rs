@@ -162,6 +162,21 @@ impl<O> Drop for Events<O> {
     }
 }
 
+impl<O> Drop for Inbox<O> {
+    /// The dispatcher is gone (even by a panic): senders waiting for room go on now, not
+    /// at their next look. The queue is emptied so that they find room; what they send
+    /// after that fails, as the channel closes.
+    fn drop(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+        let _guard = self
+            .room
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.room.freed.notify_all();
+    }
+}
+
 impl<O> Inbox<O> {
     /// Make the calling thread the one the bell wakes. The dispatcher calls it once, first.
     pub(crate) fn listen(&self) {

@@ -12,7 +12,8 @@
 //! parked. A thread whose connection ends parks only if fewer than `--thread-cache` are
 //! parked already, and for at most `--thread-idle`; then it ends, so an idle server gives
 //! its memory back. A thread that ends joins those that ended before it, and the acceptor
-//! joins the rest as it wakes, so no ended thread's stack stays mapped for long. Parking is `thread::park`, with no spinning or yielding first: when
+//! joins the rest as it wakes: on an idle server only the last to end waits, mapped, for
+//! the next connection. Parking is `thread::park`, with no spinning or yielding first: when
 //! thousands of clients leave at once, thousands of threads park at once on one core, and
 //! every yield would hand the core to another of them.
 //!
@@ -163,6 +164,12 @@ impl Workers {
         Ok(())
     }
 
+    /// Whether [`run`](Self::run) has a thread for another job: one is parked, or the
+    /// limit allows another. Only the caller of `run` adds threads, so a yes holds.
+    pub(crate) fn has_room(&self) -> bool {
+        !self.parked.lock().stack.is_empty() || self.threads.lock().handles.len() < self.limit
+    }
+
     /// Join the threads that have ended.
     pub(crate) fn reap(&self) {
         self.threads.reap();
@@ -229,7 +236,7 @@ fn hand_over(parked: &Mutex<Parked>, job: Job) -> Option<Job> {
 }
 
 /// A connection thread's life: its first job, then whatever it is handed while parked.
-/// A thread that ends for want of work joins those that ended before it.
+/// A thread that ends joins those that ended before it.
 fn serve(first: Job, parked: &Mutex<Parked>, threads: &Threads) {
     let me = Arc::new(Waiting {
         thread: thread::current(),
@@ -241,6 +248,8 @@ fn serve(first: Job, parked: &Mutex<Parked>, threads: &Threads) {
         let park_for = {
             let mut parked = parked.lock();
             if parked.closed || parked.stack.len() >= parked.cache {
+                drop(parked);
+                threads.reap();
                 return;
             }
             *me.slot.lock() = Slot::Parked;
@@ -299,5 +308,95 @@ struct Ended {
 impl Drop for Ended {
     fn drop(&mut self) {
         let _ = self.tx.send(self.number);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    /// A job that reports the thread it ran on and then waits to be let go.
+    fn job(ran_on: &Sender<thread::ThreadId>, go: &Receiver<()>) -> Job {
+        let (ran_on, go) = (ran_on.clone(), go.clone());
+        Box::new(move || {
+            let _ = ran_on.send(thread::current().id());
+            let _ = go.recv_timeout(Duration::from_secs(10));
+        })
+    }
+
+    fn threads(workers: &Workers) -> usize {
+        workers.threads.lock().handles.len()
+    }
+
+    #[test]
+    fn threads_are_reused_bounded_refused_at_the_limit_and_joined() {
+        let workers = Workers::new(2, 64 * 1024, 2, Duration::from_millis(200));
+        let (ran_on_tx, ran_on) = bounded(8);
+        let (go_tx, go) = bounded::<()>(8);
+        let wait = Duration::from_secs(10);
+        workers.run(job(&ran_on_tx, &go)).expect("a first thread");
+        workers.run(job(&ran_on_tx, &go)).expect("a second thread");
+        let first = ran_on.recv_timeout(wait).expect("ran");
+        let second = ran_on.recv_timeout(wait).expect("ran");
+        assert_ne!(first, second);
+        assert!(!workers.has_room(), "both threads busy at the limit");
+        assert!(
+            workers.run(job(&ran_on_tx, &go)).is_err(),
+            "refused at the limit"
+        );
+
+        // One job ends: its thread parks and takes the next job, no third thread.
+        go_tx.send(()).expect("let one go");
+        let deadline = Instant::now() + wait;
+        while !workers.has_room() {
+            assert!(Instant::now() < deadline, "no thread parked");
+            thread::sleep(Duration::from_millis(5));
+        }
+        workers.run(job(&ran_on_tx, &go)).expect("a parked thread");
+        let third = ran_on.recv_timeout(wait).expect("ran");
+        assert!(third == first || third == second, "ran on a parked thread");
+        assert_eq!(threads(&workers), 2);
+
+        // Both let go: they park, wait their 200 ms, end and are joined.
+        go_tx.send(()).expect("let go");
+        go_tx.send(()).expect("let go");
+        let deadline = Instant::now() + wait;
+        while threads(&workers) > 0 {
+            assert!(Instant::now() < deadline, "parked threads did not end");
+            workers.reap();
+            thread::sleep(Duration::from_millis(20));
+        }
+        workers.stop();
+    }
+
+    #[test]
+    fn stop_ends_parked_threads_and_joins_every_thread() {
+        let workers = Workers::new(4, 64 * 1024, 4, Duration::from_secs(3600));
+        let (ran_on_tx, ran_on) = bounded(8);
+        let (go_tx, go) = bounded::<()>(8);
+        for _ in 0..3 {
+            workers.run(job(&ran_on_tx, &go)).expect("a thread");
+        }
+        for _ in 0..3 {
+            ran_on.recv_timeout(Duration::from_secs(10)).expect("ran");
+        }
+        // Two end their jobs and park for an hour; one is still busy when stop begins.
+        go_tx.send(()).expect("let go");
+        go_tx.send(()).expect("let go");
+        let releaser = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(100));
+            let _ = go_tx.send(());
+        });
+        let (stopped_tx, stopped) = bounded(1);
+        thread::spawn(move || {
+            workers.stop();
+            let _ = stopped_tx.send(threads(&workers));
+        });
+        let left = stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("stop returns once the busy thread is done");
+        assert_eq!(left, 0);
+        releaser.join().expect("releaser");
     }
 }

@@ -40,6 +40,17 @@ fn a_request_may_have_32_header_lines_and_not_33() {
             other => panic!("{extra} more: {other:?}"),
         }
     }
+    // Cut short: up to the parser's 40 slots it waits for the rest (and the 431 or the
+    // deadline); past them it answers 431 at once.
+    let cut = |extra: usize| upgrade(extra).trim_end_matches("\r\n").to_string();
+    assert!(matches!(
+        reply(cut(MAX_HEADERS - 4).as_bytes(), None, &Origins::default()),
+        Reply::Incomplete
+    ));
+    match reply(cut(HEADER_SLOTS).as_bytes(), None, &Origins::default()) {
+        Reply::Respond(response) => assert_eq!(response.status, 431),
+        other => panic!("more than 40 header lines, cut short: {other:?}"),
+    }
 }
 
 #[test]
