@@ -205,7 +205,7 @@ fn sync(all: &mut [Receiver]) -> io::Result<()> {
 }
 
 /// Read until the next measured message (skipping any leftover sync) and return its number.
-fn read_measured(conn: &mut Conn) -> io::Result<u64> {
+pub fn read_measured(conn: &mut Conn) -> io::Result<u64> {
     loop {
         let frame = conn.read_frame()?;
         if frame.opcode == 8 {
@@ -226,7 +226,7 @@ fn read_measured(conn: &mut Conn) -> io::Result<u64> {
     }
 }
 
-fn percentile(histogram: &[u64], count: u64, q: f64) -> f64 {
+pub fn percentile(histogram: &[u64], count: u64, q: f64) -> f64 {
     let rank = ((count as f64) * q).ceil().max(1.0) as u64;
     let mut seen = 0;
     for (us, n) in histogram.iter().enumerate() {

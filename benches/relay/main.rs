@@ -11,6 +11,7 @@
 
 mod fanout;
 mod fleet;
+mod pair;
 mod procfs;
 mod report;
 mod scale;
@@ -41,8 +42,8 @@ struct Args {
     /// A short run, to check that the harness works (CI runs this)
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios: fanout, latency, connections, storm, churn, soak (the
-    /// soak runs only when named)
+    /// Run only these scenarios: fanout, pair, latency, connections, storm, churn, soak
+    /// (the soak runs only when named)
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Receiver counts for the fan-out scenario [default: 1,10,100,1000; quick: 1,10,100]
@@ -167,6 +168,12 @@ fn main() {
                 Ok(result) => out.fanout("fanout", &result),
                 Err(e) => out.failed(&format!("fanout N={n}"), &e),
             }
+        }
+    }
+    if wants("pair") {
+        match pair::run(&target, 8, run_for) {
+            Ok(result) => out.fanout("pair", &result),
+            Err(e) => out.failed("pair", &e),
         }
     }
     if wants("latency") {
