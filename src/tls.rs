@@ -77,9 +77,9 @@ impl Tls {
     /// `WouldBlock` when the read timeout passes, as for a socket; `InvalidData` when the
     /// peer sent something that is not valid TLS; any error of the socket.
     pub(crate) fn read(&self, sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-        let deadline = sock
-            .read_timeout()?
-            .map(|timeout| later(Instant::now(), timeout));
+        // Looked up only when the read has to wait: most reads find data and need no
+        // system call for it.
+        let mut deadline = None;
         loop {
             {
                 let mut conn = self.conn.lock();
@@ -101,7 +101,13 @@ impl Tls {
             }
             // An incomplete record waits in rustls's buffer for the rest. (When the peer
             // breaks TLS, the alert rustls makes goes out with the next records sealed.)
-            wait_readable(sock, deadline)?;
+            if deadline.is_none() {
+                deadline = Some(
+                    sock.read_timeout()?
+                        .map(|timeout| later(Instant::now(), timeout)),
+                );
+            }
+            wait_readable(sock, deadline.flatten())?;
         }
     }
 
@@ -109,7 +115,8 @@ impl Tls {
     ///
     /// # Errors
     /// The connection can no longer send (it has sent its `close_notify`, or failed).
-    pub(crate) fn seal(&self, bufs: &[IoSlice<'_>]) -> io::Result<Vec<u8>> {
+    /// `bufs` is used up: the slices are advanced past what is sealed.
+    pub(crate) fn seal(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<Vec<u8>> {
         seal(&mut self.conn.lock(), bufs)
     }
 
@@ -120,7 +127,7 @@ impl Tls {
     /// As for `seal`.
     pub(crate) fn seal_last(&self, bytes: &[u8]) -> io::Result<Vec<u8>> {
         let mut conn = self.conn.lock();
-        let mut records = seal(&mut conn, &[IoSlice::new(bytes)])?;
+        let mut records = seal(&mut conn, &mut [IoSlice::new(bytes)])?;
         conn.send_close_notify();
         while conn.wants_write() {
             conn.write_tls(&mut records)?;
@@ -134,15 +141,14 @@ impl Tls {
     /// # Errors
     /// As for `seal`, or the socket's error.
     pub(crate) fn write_all(&self, mut sock: &TcpStream, bytes: &[u8]) -> io::Result<()> {
-        sock.write_all(&self.seal(&[IoSlice::new(bytes)])?)
+        sock.write_all(&self.seal(&mut [IoSlice::new(bytes)])?)
     }
 }
 
 /// Encrypt `bufs`, as one stream of bytes, into the records to send next.
-fn seal(conn: &mut rustls::Connection, bufs: &[IoSlice<'_>]) -> io::Result<Vec<u8>> {
+fn seal(conn: &mut rustls::Connection, bufs: &mut [IoSlice<'_>]) -> io::Result<Vec<u8>> {
     let mut records = Vec::new();
-    let mut storage = bufs.to_vec();
-    let mut rest = &mut storage[..];
+    let mut rest = bufs;
     while !rest.is_empty() {
         let taken = conn.writer().write_vectored(rest)?;
         conn.write_tls(&mut records)?;

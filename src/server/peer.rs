@@ -162,11 +162,25 @@ impl Peer {
         if !one_run {
             let each = frames
                 .iter()
-                .map(|f| Ok(Frame::from(tls.seal(&[IoSlice::new(f)])?)));
+                .map(|f| Ok(Frame::from(tls.seal(&mut [IoSlice::new(f)])?)));
             return each.collect::<io::Result<Vec<_>>>().map(Cow::Owned);
         }
-        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
-        Ok(Cow::Owned(vec![Frame::from(tls.seal(&slices)?)]))
+        // The slices on the stack, as for a plaintext write; a caller sends at most
+        // MAX_BATCH frames, so there is one chunk.
+        let mut records = Vec::new();
+        for chunk in frames.chunks(MAX_BATCH) {
+            let mut iov = [IoSlice::new(&[]); MAX_BATCH];
+            for (slot, frame) in iov.iter_mut().zip(chunk) {
+                *slot = IoSlice::new(frame);
+            }
+            let sealed = tls.seal(&mut iov[..chunk.len()])?;
+            if records.is_empty() {
+                records = sealed;
+            } else {
+                records.extend_from_slice(&sealed);
+            }
+        }
+        Ok(Cow::Owned(vec![Frame::from(records)]))
     }
 
     /// A close frame as it goes on the wire: over TLS, sealed and followed by TLS's own
@@ -370,7 +384,10 @@ impl Outlet for PeerOutlet {
             }
         };
         if draining {
-            return self.backlog.enqueue(frames.iter().cloned());
+            return match frames {
+                Cow::Borrowed(frames) => self.backlog.enqueue(frames.iter().cloned()),
+                Cow::Owned(sealed) => self.backlog.enqueue(sealed.into_iter()),
+            };
         }
         match peer.write_now(&frames) {
             Ok(written) => match leftover(&frames, written) {

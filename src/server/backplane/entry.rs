@@ -42,8 +42,8 @@ pub(crate) fn node_field(node: u64) -> String {
     format!("{node:016x}")
 }
 
-/// The fields of an entry for `XADD`, after the ID. They borrow the text: a message is
-/// not copied on its way to Redis.
+/// The fields of an entry for `XADD`, after the ID. They borrow the text: no copy of a
+/// message is made to build them (the pipeline copies it once into the request).
 pub(crate) fn fields<'a>(
     node: &'a str,
     seq: &'a str,
