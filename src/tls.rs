@@ -15,14 +15,17 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, recv, send};
 use parking_lot::Mutex;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::{self, PemObject};
 
 use crate::config::later;
-use crate::error::{time_left, timed_out};
+use crate::error::{Error, Result, time_left, timed_out};
 
 /// One TLS connection's state, shared by the thread that reads and the one that writes.
 #[derive(Debug)]
@@ -261,5 +264,36 @@ impl Wire<'_> {
             Some(tls) => tls.write_all(self.sock, bytes),
             None => (&*self.sock).write_all(bytes),
         }
+    }
+}
+
+/// The certificates in the PEM file at `path`, at least one; `what` names them for the
+/// user (a certificate, a CA certificate).
+///
+/// # Errors
+/// [`Error::Certificate`] naming the file and what is wrong with it.
+pub(crate) fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let found = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .and_then(|certs| match certs.is_empty() {
+            true => Err(pem::Error::NoItemsFound),
+            false => Ok(certs),
+        });
+    found.map_err(|e| pem_error(path, &e, what))
+}
+
+/// What is wrong with a PEM file at `path` that should hold a `what`, in words a user can
+/// act on.
+pub(crate) fn pem_error(path: &Path, e: &pem::Error, what: &str) -> Error {
+    let reason = match e {
+        pem::Error::Io(e) => format!("cannot read it: {e}"),
+        pem::Error::NoItemsFound => {
+            format!("it holds no {what} (expected a PEM file with a \"-----BEGIN\" line)")
+        }
+        other => format!("it is not a valid PEM file: {other}"),
+    };
+    Error::Certificate {
+        path: path.to_path_buf(),
+        reason,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
 
-use crate::config::{RedisConfig, ServerConfig, TlsFiles};
+use crate::config::{MAX_QUEUE, RedisConfig, ServerConfig, TlsFiles};
 use crate::server::Origin;
 
 /// A WebSocket broadcast chat server: every text message a client sends goes to every
@@ -49,7 +49,7 @@ pub struct ServerArgs {
     /// Messages that may wait for a client whose socket buffer is full, 1 to 65536; a client
     /// that falls further behind is closed with 1008
     #[arg(long, value_name = "N", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_QUEUE as i64))]
     queue: u32,
 
     /// Seconds between pings to each client, 0 to 86400; a client silent for two intervals

@@ -35,7 +35,7 @@ fn numeric_options() -> Vec<Numeric> {
         },
         Numeric {
             flag: "--queue",
-            range: 1..=65_536,
+            range: 1..=crate::MAX_QUEUE as i64,
             value: |c| n(c.queue),
         },
         Numeric {

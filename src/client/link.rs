@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::debug;
 use parking_lot::Mutex;
 use tungstenite::handshake::HandshakeError;
@@ -111,11 +111,16 @@ impl Drop for Link {
         let Some(reader) = self.reader.take() else {
             return;
         };
+        // The reader's sender goes away as it ends: wait for that, not in a polling loop.
         let deadline = Instant::now() + READER_GRACE;
-        while !reader.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        if reader.is_finished() && reader.join().is_err() {
+        let ended = loop {
+            match self.ended.recv_deadline(deadline) {
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => break true,
+                Err(RecvTimeoutError::Timeout) => break false,
+            }
+        };
+        if ended && reader.join().is_err() {
             let _ = writeln!(
                 io::stderr(),
                 "client: the socket reader panicked (this is a bug)"

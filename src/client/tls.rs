@@ -14,13 +14,12 @@ use std::time::Instant;
 use log::warn;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::tls::Tls;
+use crate::tls::{Tls, certificates};
 
 /// How to start TLS with a server: the rustls configuration, built once per run.
 #[derive(Debug)]
@@ -166,21 +165,13 @@ impl Connector {
 
 /// The CA certificates in a PEM file.
 fn roots_in(path: &Path) -> Result<RootCertStore> {
-    let bad = |reason: String| Error::Certificate {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| bad(format!("cannot read the CA certificates in it: {e}")))?;
     let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    let (added, _ignored) = roots.add_parsable_certificates(certificates(path, "CA certificate")?);
     if added == 0 {
-        return Err(bad(
-            "it holds no CA certificate (expected a PEM file with a \"-----BEGIN \
-             CERTIFICATE\" line)"
-                .to_string(),
-        ));
+        return Err(Error::Certificate {
+            path: path.to_path_buf(),
+            reason: "it holds no CA certificate that can be used".to_string(),
+        });
     }
     Ok(roots)
 }

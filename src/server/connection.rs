@@ -89,7 +89,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
                 joined: false,
                 _slot: slot,
             };
-            session.run(leftover, timeouts_set || peer.tls.get().is_some());
+            session.run(leftover, timeouts_set);
         }
         Ok(Outcome::Answered { status, detail }) => {
             let detail = printable(&detail);

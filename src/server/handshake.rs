@@ -107,7 +107,8 @@ pub(crate) fn handshake<'a>(
     let mut buf = Vec::with_capacity(1024);
     let deadline = &mut Deadline {
         at: deadline,
-        timeouts_set: false,
+        // The TLS handshake, if any, has set them already.
+        timeouts_set: wire.tls.is_some(),
     };
     loop {
         if read_more(wire, &mut buf, deadline)? == 0 {

@@ -190,10 +190,7 @@ fn split_host_port(text: &str) -> Result<(&str, Option<u16>), String> {
         || !host.chars().all(host_char)
         || host.contains(':') && !host.starts_with('[')
     {
-        return Err(format!(
-            "{:?} has no valid host",
-            text.escape_debug().to_string()
-        ));
+        return Err(format!("{text:?} has no valid host"));
     }
     let port = match port {
         Some(p) => Some(

@@ -14,15 +14,15 @@ use std::time::Instant;
 
 use parking_lot::RwLock;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::handshake::Response;
 use crate::config::TlsFiles;
 use crate::error::{Error, Result, time_left, timed_out};
-use crate::tls::Tls;
+use crate::tls::{Tls, certificates, pem_error};
 
 /// The first byte of every TLS handshake record (a ClientHello included).
 pub(crate) const HANDSHAKE_RECORD: u8 = 0x16;
@@ -134,43 +134,20 @@ impl ServerTls {
 
 /// The certificate chain and key in `files`, checked to belong together.
 fn certified_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey> {
-    let bad = |path: &std::path::Path, reason: String| Error::Certificate {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let chain = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| bad(&files.cert, pem_problem(&e, "certificate")))?;
-    if chain.is_empty() {
-        return Err(bad(
-            &files.cert,
-            pem_problem(&pem::Error::NoItemsFound, "certificate"),
-        ));
-    }
+    let chain = certificates(&files.cert, "certificate")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| bad(&files.key, pem_problem(&e, "private key")))?;
+        .map_err(|e| pem_error(&files.key, &e, "private key"))?;
     CertifiedKey::from_der(chain, key, provider).map_err(|e| {
         let why = match e {
             rustls::Error::InconsistentKeys(_) => "it is not the key of".to_string(),
             other => format!("it cannot be used ({other}) with"),
         };
-        bad(
-            &files.key,
-            format!(
+        Error::Certificate {
+            path: files.key.clone(),
+            reason: format!(
                 "{why} the certificate in {}; pass the key that was made with it",
                 files.cert.display()
             ),
-        )
-    })
-}
-
-/// What is wrong with a PEM file that should hold a `what`, in words a user can act on.
-fn pem_problem(e: &pem::Error, what: &str) -> String {
-    match e {
-        pem::Error::Io(e) => format!("cannot read it: {e}"),
-        pem::Error::NoItemsFound => {
-            format!("it holds no {what} (expected a PEM file with a \"-----BEGIN\" line)")
         }
-        other => format!("it is not a valid PEM file: {other}"),
-    }
+    })
 }
