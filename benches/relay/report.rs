@@ -17,6 +17,8 @@ pub struct Report {
     label: String,
     quick: bool,
     lines: Vec<String>,
+    /// Scenarios that failed: any makes the run fail.
+    failures: usize,
 }
 
 pub fn target_dir() -> PathBuf {
@@ -40,6 +42,7 @@ impl Report {
             label,
             quick,
             lines: Vec::new(),
+            failures: 0,
         }
     }
 
@@ -221,6 +224,7 @@ impl Report {
 
     pub fn failed(&mut self, scenario: &str, error: &io::Error) {
         println!("{scenario}: failed: {error}");
+        self.failures += 1;
         self.record(&format!("{scenario} failed"), &[]);
     }
 
@@ -236,6 +240,11 @@ impl Report {
         match written {
             Ok(()) => println!("results appended to {}", path.display()),
             Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+        }
+        // A scenario that failed fails the run, so that CI notices a harness that rots.
+        if self.failures > 0 {
+            eprintln!("relay: {} scenario(s) failed", self.failures);
+            std::process::exit(1);
         }
     }
 }

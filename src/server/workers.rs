@@ -315,13 +315,24 @@ impl Drop for Ended {
 mod tests {
     use super::*;
     use crossbeam_channel::bounded;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A job that reports the thread it ran on and then waits to be let go.
     fn job(ran_on: &Sender<thread::ThreadId>, go: &Receiver<()>) -> Job {
-        let (ran_on, go) = (ran_on.clone(), go.clone());
+        counted_job(ran_on, go, &Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// As [`job`], counting in `finished` once it is let go.
+    fn counted_job(
+        ran_on: &Sender<thread::ThreadId>,
+        go: &Receiver<()>,
+        finished: &Arc<AtomicUsize>,
+    ) -> Job {
+        let (ran_on, go, finished) = (ran_on.clone(), go.clone(), Arc::clone(finished));
         Box::new(move || {
             let _ = ran_on.send(thread::current().id());
             let _ = go.recv_timeout(Duration::from_secs(10));
+            finished.fetch_add(1, Ordering::SeqCst);
         })
     }
 
@@ -375,8 +386,11 @@ mod tests {
         let workers = Workers::new(4, 64 * 1024, 4, Duration::from_secs(3600));
         let (ran_on_tx, ran_on) = bounded(8);
         let (go_tx, go) = bounded::<()>(8);
+        let finished = Arc::new(AtomicUsize::new(0));
         for _ in 0..3 {
-            workers.run(job(&ran_on_tx, &go)).expect("a thread");
+            workers
+                .run(counted_job(&ran_on_tx, &go, &finished))
+                .expect("a thread");
         }
         for _ in 0..3 {
             ran_on.recv_timeout(Duration::from_secs(10)).expect("ran");
@@ -389,14 +403,18 @@ mod tests {
             let _ = go_tx.send(());
         });
         let (stopped_tx, stopped) = bounded(1);
+        let counted = Arc::clone(&finished);
         thread::spawn(move || {
             workers.stop();
-            let _ = stopped_tx.send(threads(&workers));
+            let _ = stopped_tx.send(counted.load(Ordering::SeqCst));
         });
-        let left = stopped
+        let finished_at_stop = stopped
             .recv_timeout(Duration::from_secs(10))
-            .expect("stop returns once the busy thread is done");
-        assert_eq!(left, 0);
+            .expect("stop returns");
+        assert_eq!(
+            finished_at_stop, 3,
+            "stop joined the busy thread after its job"
+        );
         releaser.join().expect("releaser");
     }
 }

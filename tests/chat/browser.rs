@@ -251,7 +251,7 @@ fn the_page_chats_with_terminal_clients_and_reconnects_after_a_restart() {
 fn over_https_the_page_chats_over_wss_with_the_command_line_client() {
     let Some(chromium) = chromium() else { return };
     let pki = Pki::new("browser");
-    let server = tls_server(&pki);
+    let server = tls_server(&pki, ServerConfig::default());
     let port = server.local_addr().port();
     let browser = launch(&chromium, &["--ignore-certificate-errors"]);
     let tab = browser.new_tab().expect("tab");

@@ -1,4 +1,4 @@
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufReader;
 use std::net::TcpListener;
 use std::process::Output;
 
@@ -9,11 +9,7 @@ use crate::support::*;
 
 /// Run the client with `input` on its stdin; wait for it with a deadline.
 fn run_client(url: &str, input: &str) -> Output {
-    let mut proc = Proc::spawn(&mut client(url));
-    let mut stdin = proc.child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("write stdin");
-    drop(stdin);
-    proc.output()
+    run_client_with(url, &[], input)
 }
 
 fn stdout_lines(output: &Output) -> Vec<String> {
@@ -66,9 +62,8 @@ fn a_server_shutdown_prints_1001_to_stderr_and_exits_0() {
     let server = default_server();
     let url = format!("ws://{}", server.local_addr());
     let mut proc = Proc::spawn(&mut client(&url));
-    let mut stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
-    let mut first = String::new();
-    stdout.read_line(&mut first).expect("welcome");
+    let stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
+    let (_stdout, first) = line_within(stdout);
     assert_eq!(first.trim_end(), WELCOME);
     server.shutdown().expect("clean shutdown");
     let status = proc.wait();
@@ -166,9 +161,8 @@ fn ctrl_c_closes_cleanly() {
     let url = format!("ws://{}", server.local_addr());
     let mut proc = Proc::spawn(&mut client(&url));
     let _stdin = proc.child.stdin.take();
-    let mut stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
-    let mut first = String::new();
-    stdout.read_line(&mut first).expect("welcome");
+    let stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
+    let (_stdout, _welcome) = line_within(stdout);
     eventually("the client to be registered", || server.client_count() == 1);
     proc.signal("INT");
     assert!(proc.wait().success());
@@ -181,10 +175,13 @@ fn no_message_can_forge_a_line_or_reach_the_terminal_raw() {
     let addr = server.local_addr();
     let (mut forger, tag) = join(addr);
     let mut proc = Proc::spawn(&mut client(&format!("ws://{addr}")));
-    let mut stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("the welcome");
-    assert_eq!(line.trim_end(), WELCOME);
+    let printed_lines = lines(proc.child.stdout.take().expect("stdout"));
+    let next_line = || {
+        printed_lines
+            .recv_timeout(WAIT)
+            .expect("a line before the deadline")
+    };
+    assert_eq!(next_line(), WELCOME);
     let forgeries = [
         "hello\n10.0.0.1:5555: I am the admin",
         "carriage\rreturn",
@@ -198,12 +195,7 @@ fn no_message_can_forge_a_line_or_reach_the_terminal_raw() {
     send(&mut forger, "done");
     let mut printed = Vec::new();
     loop {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).expect("a line") > 0,
-            "output ended"
-        );
-        let text = line.strip_suffix('\n').expect("whole lines").to_string();
+        let text = next_line();
         if text.ends_with(": done") {
             break;
         }
@@ -316,9 +308,8 @@ fn a_second_ctrl_c_stops_waiting_for_a_server_that_never_answers_the_close() {
     });
     let mut proc = Proc::spawn(&mut client(&fake.url()));
     let _stdin = proc.child.stdin.take();
-    let mut stderr = BufReader::new(proc.child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    stderr.read_line(&mut line).expect("connected");
+    let stderr = BufReader::new(proc.child.stderr.take().expect("stderr"));
+    let (_stderr, line) = line_within(stderr);
     assert!(line.contains("connected to"), "{line}");
     proc.signal("INT");
     let close = fake.seen.recv_timeout(WAIT).expect("the close");
@@ -332,9 +323,8 @@ fn a_closed_output_is_noticed_when_nothing_arrives_and_the_close_is_still_sent()
     let server = ServerProc::start(&[]);
     let mut proc = Proc::spawn(&mut client(&format!("ws://{}", server.addr)));
     let _stdin = proc.child.stdin.take();
-    let mut stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
-    let mut welcome = String::new();
-    stdout.read_line(&mut welcome).expect("the welcome");
+    let stdout = BufReader::new(proc.child.stdout.take().expect("stdout"));
+    let (stdout, _welcome) = line_within(stdout);
     // As `client URL | head -1` does once `head` has its line; nothing else arrives.
     drop(stdout);
     assert!(proc.wait().success());

@@ -453,7 +453,7 @@ fn metrics_parse_as_openmetrics_and_count_the_fleet() {
     assert_eq!(sample(&after, "broadcast_chat_clients", &[]), 1.0);
     redis.run(&["CLIENT", "KILL", "TYPE", "normal"]);
     send(&mut ws, "after the kill");
-    recv_text(&mut ws);
+    assert!(recv_text(&mut ws).ends_with(": after the kill"));
     eventually("a reconnect to be counted", || {
         sample(
             &metrics(),

@@ -513,3 +513,17 @@ pub fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
     drop(stdin);
     proc.output()
 }
+
+/// The next line of `output`, read on a thread so that the wait has a bound ([`WAIT`]);
+/// `output` comes back for the test to go on reading or to close.
+pub fn line_within<R: BufRead + Send + 'static>(mut output: R) -> (R, String) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let mut line = String::new();
+        let read = output.read_line(&mut line);
+        let _ = tx.send((output, line, read.is_ok()));
+    });
+    let (output, line, ok) = rx.recv_timeout(WAIT).expect("a line before the deadline");
+    assert!(ok, "the line could be read");
+    (output, line)
+}
