@@ -197,7 +197,12 @@ impl<O: Outlet> Dispatcher<O> {
                 self.tally.broadcast += 1;
                 self.settled = 0;
             }
-            Event::Reseed { frames, lost } => self.reseed(frames, lost),
+            Event::Broadcasts(frames) => {
+                self.tally.broadcast += frames.len() as u64;
+                self.settled = 0;
+                frames.into_iter().for_each(|frame| self.ring.push(frame));
+            }
+            Event::Restart(frames) => self.restart(frames),
             Event::Join(outlet) => self.join(outlet),
             Event::Pong(id, frame) => {
                 if let Some(i) = self.index.get(&id).copied() {
@@ -228,18 +233,12 @@ impl<O: Outlet> Dispatcher<O> {
         }
     }
 
-    /// Make `frames` the history, sent to no one. With `lost`, close every client with
-    /// 1012 first: the fleet lost messages this node cannot account for, and a client that
-    /// reconnects sees the room as it is now.
-    fn reseed(&mut self, frames: Vec<Frame>, lost: bool) {
-        if lost {
-            let frame = message::close(CloseCode::Restart, "service restart: reconnect");
-            self.close_all(&frame, Closed::RedisReset, Instant::now());
-        } else {
-            for i in 0..self.clients.len() {
-                self.catch_up(i);
-            }
-        }
+    /// Close every client with 1012, after what it was sent before, and make `frames` the
+    /// history, sent to no one: the fleet lost messages this node cannot account for, and
+    /// a client that reconnects sees the room as it is now.
+    fn restart(&mut self, frames: Vec<Frame>) {
+        let frame = message::close(CloseCode::Restart, "service restart: reconnect");
+        self.close_all(&frame, Closed::RedisReset, Instant::now());
         self.ring.restart(frames);
         let head = self.ring.head();
         for client in &mut self.clients {

@@ -19,11 +19,14 @@ pub(crate) enum Event<O> {
     Join(O),
     /// A tagged text frame to append to the history and send to everyone.
     Broadcast(Frame),
-    /// In a fleet, the room's history as Redis has it (see
-    /// [`backplane`](super::backplane)): it replaces the history without being sent to
-    /// anyone. With `lost`, Redis lost what this node delivered last, so its clients are
-    /// closed with 1012 to reconnect and see the new history.
-    Reseed { frames: Vec<Frame>, lost: bool },
+    /// Frames read together from a fleet's stream (see [`backplane`](super::backplane)), in
+    /// order: one event where a [`Event::Broadcast`] each would wake the dispatcher as
+    /// often.
+    Broadcasts(Vec<Frame>),
+    /// In a fleet, Redis lost what this node delivered last: close every client with 1012
+    /// to reconnect, and make `frames`, the room as Redis has it now, the history they
+    /// will be shown.
+    Restart(Vec<Frame>),
     /// A pong for one client, answering its ping.
     Pong(PeerId, Frame),
     /// A client is done. Send it `close` after everything broadcast before, then forget it.

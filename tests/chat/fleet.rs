@@ -167,11 +167,12 @@ fn every_client_on_every_node_receives_one_identical_sequence() {
     let nodes = [redis.node(), redis.node(), redis.node()];
     const EACH: usize = 100;
     let mut listeners: Vec<Ws> = nodes.iter().map(|n| join(n.local_addr()).0).collect();
-    let senders: Vec<_> = nodes
-        .iter()
+    // Everyone is in before the first message, so that everyone must receive all of them.
+    let joined: Vec<(Ws, String)> = nodes.iter().map(|n| join(n.local_addr())).collect();
+    let senders: Vec<_> = joined
+        .into_iter()
         .enumerate()
-        .map(|(i, node)| {
-            let (mut ws, tag) = join(node.local_addr());
+        .map(|(i, (mut ws, tag))| {
             thread::spawn(move || {
                 for n in 0..EACH {
                     send(&mut ws, &format!("node {i} message {n}"));
@@ -218,6 +219,30 @@ fn a_node_started_later_shows_the_same_history_as_the_others() {
     let expected: Vec<String> = (4..20).map(|n| format!("{tag}: m{n}")).collect();
     assert_eq!(history(later.local_addr()), expected);
     assert_eq!(history(first.local_addr()), expected);
+}
+
+/// A node takes clients before it has read the stream (Redis is slow to answer as it
+/// starts): they are shown the room's history as soon as the node has it.
+#[test]
+fn a_client_that_joins_before_its_node_has_read_the_stream_is_shown_the_history() {
+    let Some(redis) = Redis::start() else { return };
+    let first = redis.node();
+    let (mut sender, tag) = join(first.local_addr());
+    for n in 0..3 {
+        send(&mut sender, &format!("m{n}"));
+    }
+    texts_until(&mut sender, ": m2");
+    redis.run(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    let config = RedisConfig::new(&redis.url).key(&redis.key);
+    let later = unthrottled(ServerConfig::default().redis(Some(config)));
+    let (mut early, _) = join(later.local_addr());
+    assert_eq!(
+        get(later.local_addr(), "/healthz").0,
+        503,
+        "the node has not read the stream yet"
+    );
+    let expected: Vec<String> = (0..3).map(|n| format!("{tag}: m{n}")).collect();
+    assert_eq!(texts(&mut early, 3), expected);
 }
 
 #[test]

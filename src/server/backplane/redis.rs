@@ -637,6 +637,9 @@ impl Reader {
 
     /// Take the history from the stream's newest entries and read on after them. With
     /// `lost`, Redis no longer has what this node delivered last: restart the clients.
+    /// Without, this is the node's first read, and its entries are delivered as the
+    /// broadcasts before all others: the history of every later joiner, and of any client
+    /// that joined before it (when the ring was still empty).
     ///
     /// It reads a batch's worth more than the history, so that repeats of a retried batch
     /// and entries of other programs do not make this node's history shorter than the
@@ -662,7 +665,12 @@ impl Reader {
             frames.extend(frame);
         }
         frames.drain(..frames.len().saturating_sub(self.history));
-        if self.events.send(Event::Reseed { frames, lost }).is_err() {
+        let event = if lost {
+            Event::Restart(frames)
+        } else {
+            Event::Broadcasts(frames)
+        };
+        if self.events.send(event).is_err() {
             return Ok(Flow::Stop);
         }
         self.seeded = None;
@@ -704,14 +712,14 @@ impl Reader {
         if let Some(millis) = items.last().and_then(|item| item.as_ref().ok()?.millis()) {
             self.metrics.redis_lag(millis);
         }
+        let mut frames = Vec::with_capacity(items.len());
         for item in items {
             let (id, frame) = self.accept(item);
             self.last = Some(id);
-            if let Some(frame) = frame
-                && self.events.send(Event::Broadcast(frame)).is_err()
-            {
-                return Ok(Flow::Stop);
-            }
+            frames.extend(frame);
+        }
+        if !frames.is_empty() && self.events.send(Event::Broadcasts(frames)).is_err() {
+            return Ok(Flow::Stop);
         }
         Ok(Flow::Go)
     }

@@ -1,13 +1,13 @@
 //! A model test of the dispatcher, without sockets or threads: random joins, leaves,
-//! broadcasts, pings, stalled clients, scan steps, a fleet's reseeds (with and without a
-//! loss) and a shutdown, through in-memory outlets
+//! broadcasts (one at a time and a fleet's batches), pings, stalled clients, scan steps, a
+//! fleet's restarts after a loss and a shutdown, through in-memory outlets
 //! that record what each client would have read. Then, for every client:
 //!
 //! - one global order: what it got is a contiguous run of the broadcasts, in order;
 //! - atomic join: the welcome, then exactly the history as it stood at its join (the last
-//!   `history` broadcasts, or of a reseed and the broadcasts since), then every later
-//!   broadcast, with no gap and no duplicate; nothing of a reseed after its join;
-//! - a reseed with a loss closes every client with 1012 after the data before it;
+//!   `history` broadcasts, or of a restart's history and the broadcasts since), then every
+//!   later broadcast, with no gap and no duplicate; nothing of a restart's history;
+//! - a restart closes every client with 1012 after the data before it;
 //! - a close always comes after all the data broadcast before it, and nothing after it;
 //! - a client that stops reading is closed with 1008 after an unbroken prefix, and is sent
 //!   nothing more once its queue has overflowed;
@@ -104,7 +104,9 @@ enum Op {
         who: usize,
         close: bool,
     },
-    Broadcast,
+    /// This many broadcasts in one event, as a fleet's reader sends them; one alone when
+    /// `None`.
+    Broadcast(Option<usize>),
     Ping {
         who: usize,
     },
@@ -115,11 +117,8 @@ enum Op {
     Fail {
         who: usize,
     },
-    /// A fleet's reseed with this many frames.
-    Reseed {
-        frames: usize,
-        lost: bool,
-    },
+    /// A fleet's restart after Redis lost data, with a history of this many frames.
+    Restart(usize),
     Shutdown,
 }
 
@@ -127,12 +126,12 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => proptest::option::weighted(0.3, 1..40usize).prop_map(|room| Op::Join { room }),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(who, close)| Op::Leave { who, close }),
-        8 => Just(Op::Broadcast),
+        8 => proptest::option::weighted(0.2, 0..40usize).prop_map(Op::Broadcast),
         1 => any::<usize>().prop_map(|who| Op::Ping { who }),
         4 => (1..8usize).prop_map(Op::Visit),
         1 => (1..8u64).prop_map(Op::Tick),
         1 => any::<usize>().prop_map(|who| Op::Fail { who }),
-        1 => (0..24usize, any::<bool>()).prop_map(|(frames, lost)| Op::Reseed { frames, lost }),
+        1 => (0..24usize).prop_map(Op::Restart),
         1 => Just(Op::Shutdown),
     ]
 }
@@ -176,8 +175,8 @@ fn check(ops: &[Op], history: usize) {
     let mut clients: Vec<Client> = Vec::new();
     let mut live: Vec<usize> = Vec::new();
     let mut sent: Vec<Frame> = Vec::new();
-    // What a joiner is shown the tail of: the broadcasts, or the last reseed and the
-    // broadcasts since.
+    // What a joiner is shown the tail of: the broadcasts, or the last restart's history and
+    // the broadcasts since.
     let mut shown: Vec<Frame> = Vec::new();
     let mut shut_down = false;
     for op in ops {
@@ -215,11 +214,16 @@ fn check(ops: &[Op], history: usize) {
                 let frame = close.then(|| message::close(CloseCode::Normal, ""));
                 dispatcher.handle(Event::Leave(client.id, frame));
             }
-            Op::Broadcast => {
-                let frame = message::text("10.0.0.9:9: ", &format!("m{}", sent.len()));
-                sent.push(frame.clone());
-                shown.push(frame.clone());
-                dispatcher.handle(Event::Broadcast(frame));
+            Op::Broadcast(batch) => {
+                let frames: Vec<Frame> = (0..batch.unwrap_or(1))
+                    .map(|i| message::text("10.0.0.9:9: ", &format!("m{}", sent.len() + i)))
+                    .collect();
+                sent.extend(frames.iter().cloned());
+                shown.extend(frames.iter().cloned());
+                dispatcher.handle(match batch {
+                    Some(_) => Event::Broadcasts(frames),
+                    None => Event::Broadcast(frames[0].clone()),
+                });
             }
             Op::Ping { who } if !live.is_empty() => {
                 let id = clients[live[who % live.len()]].id;
@@ -233,20 +237,17 @@ fn check(ops: &[Op], history: usize) {
             Op::Fail { who } if !live.is_empty() => {
                 clients[live[who % live.len()]].wire.lock().broken = true;
             }
-            Op::Reseed { frames, lost } => {
+            Op::Restart(frames) => {
                 shown = (0..frames)
                     .map(|i| message::text("10.0.0.8:8: ", &format!("s{}-{i}", sent.len())))
                     .collect();
-                if lost {
-                    for &i in &live {
-                        if clients[i].ending == Ending::Open {
-                            clients[i].ending = Ending::Reset;
-                            clients[i].ended_at = Some(sent.len());
-                        }
+                for &i in &live {
+                    if clients[i].ending == Ending::Open {
+                        clients[i].ending = Ending::Reset;
+                        clients[i].ended_at = Some(sent.len());
                     }
                 }
-                let frames = shown.clone();
-                dispatcher.handle(Event::Reseed { frames, lost });
+                dispatcher.handle(Event::Restart(shown.clone()));
             }
             Op::Shutdown if !shut_down => {
                 shut_down = true;
@@ -347,18 +348,19 @@ fn a_stalled_client_is_closed_with_1008_after_a_prefix() {
     let ops = [
         Op::Join { room: Some(3) },
         Op::Join { room: None },
-        Op::Broadcast,
-        Op::Broadcast,
-        Op::Broadcast,
+        Op::Broadcast(None),
+        Op::Broadcast(None),
+        Op::Broadcast(None),
         Op::Visit(4),
     ];
     check(&ops, 16);
 }
 
-/// A fleet's reseed: the new history goes to no current client; joiners get it. With
-/// `lost`, every client is closed with 1012 after all the data before it.
+/// A fleet node's first read of the stream goes to the clients that joined before it as
+/// their history. A restart after a loss closes every client with 1012 after all the data
+/// before it, and its history goes to no current client; joiners get it.
 #[test]
-fn a_reseed_replaces_the_history_and_a_lost_one_restarts_everyone() {
+fn a_first_read_is_the_early_joiners_history_and_a_restart_restarts_everyone() {
     let config = ServerConfig::default().history(2);
     let mut dispatcher = Dispatcher::<MemOutlet>::new(&config, Arc::new(Metrics::new()));
     let joiner = |dispatcher: &mut Dispatcher<MemOutlet>, id: PeerId| {
@@ -373,19 +375,11 @@ fn a_reseed_replaces_the_history_and_a_lost_one_restarts_everyone() {
     };
     let text = |n: u32| message::text("10.0.0.9:9: ", &format!("m{n}"));
     let early = joiner(&mut dispatcher, 1);
-    dispatcher.handle(Event::Broadcast(text(0)));
-    let seed = vec![text(10), text(11), text(12)];
-    dispatcher.handle(Event::Reseed {
-        frames: seed,
-        lost: false,
-    });
+    dispatcher.handle(Event::Broadcasts(vec![text(10), text(11), text(12)]));
     dispatcher.handle(Event::Broadcast(text(1)));
     let late = joiner(&mut dispatcher, 2);
     dispatcher.handle(Event::Broadcast(text(2)));
-    dispatcher.handle(Event::Reseed {
-        frames: vec![text(20)],
-        lost: true,
-    });
+    dispatcher.handle(Event::Restart(vec![text(20)]));
     let after = joiner(&mut dispatcher, 3);
     while !dispatcher.is_idle() {
         dispatcher.visit();
@@ -393,13 +387,20 @@ fn a_reseed_replaces_the_history_and_a_lost_one_restarts_everyone() {
     let welcome = message::welcome();
     assert_eq!(
         early.lock().frames,
-        [welcome.clone(), text(0), text(1), text(2)],
-        "a client present at a reseed is sent none of it"
+        [
+            welcome.clone(),
+            text(10),
+            text(11),
+            text(12),
+            text(1),
+            text(2)
+        ],
+        "a client that joined before the first read is sent all of it"
     );
     assert_eq!(
         late.lock().frames,
         [welcome.clone(), text(12), text(1), text(2)],
-        "a joiner gets the last `history` of the reseeded ring"
+        "a later joiner gets the last `history` of the ring"
     );
     for wire in [&early, &late] {
         let close = wire.lock().close.clone().expect("closed");
