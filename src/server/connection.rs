@@ -285,7 +285,9 @@ impl Session<'_> {
                     let published =
                         self.context
                             .backplane
-                            .publish(&self.context.events, &tag, &text, || self.peer.heard());
+                            .publish(&self.context.events, &tag, &text, |wait| {
+                                self.peer.heard_until(wait)
+                            });
                     if published.is_err() {
                         return End::Dropped {
                             why: "the server stopped".to_string(),

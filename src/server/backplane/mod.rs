@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 
 use super::inbox::{Event, Events};
 use super::metrics::Metrics;
@@ -76,28 +76,31 @@ impl Backplane {
 
     /// Send `text` from the client tagged `tag` to the room. In a fleet this waits while
     /// the writer's queue is full (Redis is slow or away), which slows the client down
-    /// through TCP instead of dropping its message; `waiting` is called every second of
-    /// that wait, for the client is not silent, only held up.
+    /// through TCP instead of dropping its message. `waiting(d)` is called before each
+    /// second (`d`) of that wait: the client is not silent, only held up, and must count as
+    /// heard until the wait is over, not just when it began.
     pub(crate) fn publish(
         &self,
         events: &Events<PeerOutlet>,
         tag: &str,
         text: &str,
-        waiting: impl Fn(),
+        waiting: impl Fn(Duration),
     ) -> Result<(), Stopped> {
         match self {
             Backplane::Local => events
                 .send(Event::Broadcast(message::text(tag, text)))
                 .map_err(|_| Stopped),
             Backplane::Redis { writer, .. } => {
-                let mut tagged = format!("{tag}{text}");
+                let mut tagged = match writer.try_send(format!("{tag}{text}")) {
+                    Ok(()) => return Ok(()),
+                    Err(TrySendError::Full(back)) => back,
+                    Err(TrySendError::Disconnected(_)) => return Err(Stopped),
+                };
                 loop {
+                    waiting(STILL_WAITING);
                     match writer.send_timeout(tagged, STILL_WAITING) {
                         Ok(()) => return Ok(()),
-                        Err(SendTimeoutError::Timeout(back)) => {
-                            waiting();
-                            tagged = back;
-                        }
+                        Err(SendTimeoutError::Timeout(back)) => tagged = back,
                         Err(SendTimeoutError::Disconnected(_)) => return Err(Stopped),
                     }
                 }
