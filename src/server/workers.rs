@@ -342,7 +342,9 @@ mod tests {
 
     #[test]
     fn threads_are_reused_bounded_refused_at_the_limit_and_joined() {
-        let workers = Workers::new(2, 64 * 1024, 2, Duration::from_millis(200));
+        // Parked for long enough that a test thread held up on a busy machine still finds
+        // the parked thread there.
+        let workers = Workers::new(2, 64 * 1024, 2, Duration::from_secs(2));
         let (ran_on_tx, ran_on) = bounded(8);
         let (go_tx, go) = bounded::<()>(8);
         let wait = Duration::from_secs(10);
@@ -369,7 +371,7 @@ mod tests {
         assert!(third == first || third == second, "ran on a parked thread");
         assert_eq!(threads(&workers), 2);
 
-        // Both let go: they park, wait their 200 ms, end and are joined.
+        // Both let go: they park, wait their 2 s, end and are joined.
         go_tx.send(()).expect("let go");
         go_tx.send(()).expect("let go");
         let deadline = Instant::now() + wait;

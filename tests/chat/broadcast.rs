@@ -149,7 +149,7 @@ fn a_long_history_is_replayed_whole() {
 /// whatever the timing.
 #[test]
 fn a_joiner_during_a_fast_stream_sees_history_and_live_without_gap_or_duplicate() {
-    const HISTORY: usize = 1000;
+    const HISTORY: usize = 100_000;
     const JOIN_AFTER: usize = 100;
     const SEEN: usize = 1500;
     const IN_FLIGHT: usize = 8;

@@ -229,8 +229,8 @@ fn the_page_chats_with_terminal_clients_and_reconnects_after_a_restart() {
     wait_for(
         &tab,
         "the close reason",
-        "document.getElementById('status').dataset.state === 'disconnected' && \
-         document.getElementById('status').textContent.includes('1001: server shutting down')",
+        "[...document.querySelectorAll('#log li.system')] \
+            .some((li) => li.textContent.includes('1001: server shutting down'))",
     );
     let restarted = Server::with_config(ServerConfig::default().bind(addr)).expect("same port");
     wait_for(

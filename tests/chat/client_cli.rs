@@ -1,5 +1,5 @@
-use std::io::BufReader;
-use std::net::TcpListener;
+use std::io::{BufReader, Write};
+use std::net::SocketAddr;
 use std::process::Output;
 
 use broadcast_chat::{ServerConfig, WELCOME};
@@ -105,10 +105,17 @@ fn fails_clearly(url: &str, status: i32, expected: &str) {
 
 #[test]
 fn a_refused_connection_is_one_clear_line() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("probe")
+    // Bound but not listening, for the whole test: connections are refused, and no other
+    // test can take the port meanwhile.
+    let held =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    held.bind(&any.into()).expect("bind");
+    let port = held
         .local_addr()
         .expect("addr")
+        .as_socket()
+        .expect("an IP address")
         .port();
     let url = format!("ws://127.0.0.1:{port}");
     fails_clearly(
@@ -244,7 +251,9 @@ fn exit_0_in_a_pipe_means_every_line_came_back_from_the_server() {
 fn lines_are_confirmed_before_the_close_even_where_a_close_is_answered_at_once() {
     let fake = Fake::start(Behaviour {
         echo: true,
-        echo_delay: ms(300),
+        // Long enough that the echoes are still due when a client that does not wait
+        // for them has closed, however slow the machine.
+        echo_delay: ms(2000),
         answer_close: true,
         history: &[],
         close_first: false,
@@ -356,9 +365,16 @@ fn in_a_pipe_a_server_that_closes_before_the_input_ends_is_a_failure() {
         history: &[],
         close_first: true,
     });
-    // Far more input than can be sent before the server's close comes back.
-    let input: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
-    let output = run_client_with(&fake.url(), &["--no-confirm"], &input);
+    // Input that never ends: the server's close comes back before it does.
+    let mut command = client(&fake.url());
+    command.arg("--no-confirm");
+    let output = fed(&mut command, |stdin| {
+        for i in 0.. {
+            if writeln!(stdin, "line {i}").is_err() {
+                return;
+            }
+        }
+    });
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("before the input ended"), "{stderr}");

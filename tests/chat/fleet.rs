@@ -232,7 +232,7 @@ fn a_client_that_joins_before_its_node_has_read_the_stream_is_shown_the_history(
         send(&mut sender, &format!("m{n}"));
     }
     texts_until(&mut sender, ": m2");
-    redis.run(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    redis.run(&["CLIENT", "PAUSE", "5000", "ALL"]);
     let config = RedisConfig::new(&redis.url).key(&redis.key);
     let later = unthrottled(ServerConfig::default().redis(Some(config)));
     let (mut early, _) = join(later.local_addr());

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -506,11 +506,21 @@ pub fn client(url: &str) -> Command {
 pub fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
     let mut command = client(url);
     command.args(args);
-    let mut proc = Proc::spawn(&mut command);
+    let input = input.to_owned();
+    fed(&mut command, move |stdin| {
+        // The client may have finished before it read it all: that is for the test to
+        // judge.
+        let _ = stdin.write_all(input.as_bytes());
+    })
+}
+
+/// Run `command` with `feed` writing its stdin on a thread of its own, so that a process
+/// that stops reading cannot hold the test past [`WAIT`]; stdin is closed when `feed`
+/// returns. The feeding thread ends when the process does, at the latest.
+pub fn fed(command: &mut Command, feed: impl FnOnce(&mut ChildStdin) + Send + 'static) -> Output {
+    let mut proc = Proc::spawn(command);
     let mut stdin = proc.child.stdin.take().expect("stdin");
-    // The client may have finished before it read it all: that is for the test to judge.
-    let _ = stdin.write_all(input.as_bytes());
-    drop(stdin);
+    thread::spawn(move || feed(&mut stdin));
     proc.output()
 }
 

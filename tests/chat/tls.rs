@@ -284,12 +284,13 @@ fn a_tls_handshake_that_stalls_is_cut_at_the_handshake_deadline() {
     let pki = Pki::new("stall");
     let server = tls_server(&pki, ServerConfig::default().handshake_timeout(ms(700)));
     // One client sends nothing; the other the first bytes of a ClientHello, then stops.
+    // The deadlines start after `started`, so a slow test thread cannot shorten the cut.
+    let started = Instant::now();
     let silent = TcpStream::connect(server.local_addr()).expect("connect");
     let mut partial = TcpStream::connect(server.local_addr()).expect("connect");
     partial
         .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01])
         .expect("write");
-    let started = Instant::now();
     for mut sock in [silent, partial] {
         sock.set_read_timeout(Some(WAIT)).expect("timeout");
         let mut rest = Vec::new();
@@ -352,7 +353,12 @@ fn after_the_tls_handshake_a_request_trickled_in_a_record_is_cut_at_the_deadline
 fn a_tls_client_that_does_not_read_is_closed_with_1008_and_can_read_it() {
     const MESSAGES: usize = 300;
     let pki = Pki::new("slow");
-    let server = tls_server(&pki, ServerConfig::default().queue(8).rate(0));
+    // The stalled client's close waits behind the flood: give it time to be read.
+    let config = ServerConfig::default()
+        .queue(8)
+        .rate(0)
+        .close_timeout(WAIT * 3);
+    let server = tls_server(&pki, config);
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     socket
