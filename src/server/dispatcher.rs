@@ -197,10 +197,13 @@ impl<O: Outlet> Dispatcher<O> {
                 self.tally.broadcast += 1;
                 self.settled = 0;
             }
-            Event::Broadcasts(frames) => {
-                self.tally.broadcast += frames.len() as u64;
+            Event::Broadcasts(mut batch) => {
+                self.tally.broadcast += batch.frames.len() as u64;
                 self.settled = 0;
-                frames.into_iter().for_each(|frame| self.ring.push(frame));
+                batch
+                    .frames
+                    .drain(..)
+                    .for_each(|frame| self.ring.push(frame));
             }
             Event::Restart(frames) => self.restart(frames),
             Event::Join(outlet) => self.join(outlet),

@@ -22,7 +22,7 @@ pub(crate) enum Event<O> {
     /// Frames read together from a fleet's stream (see [`backplane`](super::backplane)), in
     /// order: one event where a [`Event::Broadcast`] each would wake the dispatcher as
     /// often.
-    Broadcasts(Vec<Frame>),
+    Broadcasts(Batch),
     /// In a fleet, Redis lost what this node delivered last: close every client with 1012
     /// to reconnect, and make `frames`, the room as Redis has it now, the history they
     /// will be shown.
@@ -33,6 +33,43 @@ pub(crate) enum Event<O> {
     Leave(PeerId, Option<Frame>),
     /// The server is stopping: close every client with 1001 and refuse new ones.
     Shutdown,
+}
+
+/// Frames for [`Event::Broadcasts`]. The channel bounds events, not frames, so a batch
+/// holds one of its sender's few credits and gives it back when the dispatcher drops it:
+/// however many frames a read brings, only so many batches wait for the dispatcher.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) frames: Vec<Frame>,
+    credit: Option<Sender<()>>,
+}
+
+impl Batch {
+    /// `frames`, holding a credit that goes back to `credits` once they are taken.
+    pub(crate) fn new(frames: Vec<Frame>, credits: Sender<()>) -> Self {
+        Batch {
+            frames,
+            credit: Some(credits),
+        }
+    }
+
+    /// `frames`, with no credit to give back.
+    #[cfg(test)]
+    pub(crate) fn free(frames: Vec<Frame>) -> Self {
+        Batch {
+            frames,
+            credit: None,
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(credits) = &self.credit {
+            // The credits channel holds one slot per credit, so there is always room.
+            let _ = credits.try_send(());
+        }
+    }
 }
 
 /// The event channel: the sending side, shared by the connection threads, and the receiving

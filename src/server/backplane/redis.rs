@@ -7,17 +7,19 @@
 //!   batch is kept and retried; when the queue is full too, the connection threads wait,
 //!   and TCP slows their clients down: nothing is lost.
 //! - The **reader** blocks in `XREAD` after the last entry it delivered and hands entries
-//!   to the dispatcher. At start it seeds the history from the stream's newest entries
-//!   (`XREVRANGE`) and reads on from the newest of them, so nothing added after that is
-//!   skipped. Each read is pipelined behind an `XRANGE` of that last entry: while Redis
+//!   to the dispatcher, a batch per read, with at most [`BATCHES`] batches waiting there.
+//!   Its first read takes the stream's newest entries (`XREVRANGE`), delivered as the
+//!   broadcasts before any other: the history of every client, including those that
+//!   joined before it. It reads on from the newest of them, so nothing added after that
+//!   is skipped, and only then does `/healthz` say 200. Each read is pipelined behind an `XRANGE` of that last entry: while Redis
 //!   still has it, it has everything after it too (trimming only removes the oldest). When
 //!   it is gone, Redis restarted empty or this node was away longer than the window, and
 //!   there may be a gap the node cannot fill, so it restarts its clients with 1012 and
 //!   reseeds, rather than go on as if nothing happened.
 //!
 //! Both reconnect by themselves with a capped, jittered backoff; the writer waits for the
-//! reader's first seed before its first `XADD`, so that this node's own first messages are
-//! read back live rather than seeded into the history unseen.
+//! reader's first read before its first `XADD`, so that this node's own first messages
+//! come back as read live, never cut from the first read by its `history` limit.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -33,7 +35,7 @@ use super::entry::{self, Dedupe, Item, Malformed};
 use crate::config::{RedisConfig, ServerConfig};
 use crate::error::{Error, Result};
 use crate::message::{self, Frame};
-use crate::server::inbox::{Event, Events};
+use crate::server::inbox::{Batch, Event, Events};
 use crate::server::metrics::{Link, Metrics};
 use crate::server::peer::PeerOutlet;
 
@@ -53,6 +55,11 @@ const WRITE_BATCH: usize = 256;
 
 /// Entries taken in one `XREAD`, at most.
 const READ_COUNT: usize = 1024;
+
+/// Batches read and not yet taken by the dispatcher, at most: with [`READ_COUNT`], the
+/// messages a node holds for a dispatcher that falls behind. The rest waits in Redis
+/// (and past `--redis-window`, the node restarts its clients rather than miss any).
+const BATCHES: usize = 4;
 
 /// How long `XREAD` blocks in Redis. It bounds how long the reader takes to notice that
 /// the server is stopping.
@@ -80,13 +87,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) struct Health {
     writer_up: AtomicBool,
     reader_up: AtomicBool,
+    /// The reader has made its first read: the node has the room's history.
+    read: AtomicBool,
 }
 
 impl Health {
     /// Why this node should not be sent new clients, if it should not.
     pub(crate) fn trouble(&self) -> Option<&'static str> {
         let up = self.writer_up.load(Ordering::Relaxed) && self.reader_up.load(Ordering::Relaxed);
-        (!up).then_some("the Redis link is down")
+        if !up {
+            Some("the Redis link is down")
+        } else if !self.read.load(Ordering::Relaxed) {
+            Some("the room's history is not read from Redis yet")
+        } else {
+            None
+        }
     }
 }
 
@@ -175,6 +190,10 @@ impl Fleet {
             redis.key,
             writer.node
         );
+        let (credit, credits) = crossbeam_channel::bounded(BATCHES);
+        for _ in 0..BATCHES {
+            let _ = credit.try_send(());
+        }
         let reader = Reader {
             con: Reconnecting::new(
                 client,
@@ -190,6 +209,8 @@ impl Fleet {
             metrics: Arc::clone(metrics),
             last: None,
             dedupe: Dedupe::default(),
+            credit,
+            credits,
         };
         let reader = Worker::spawn("redis reader", move |stop| reader.run(&stop))?;
         let writer = match Worker::spawn("redis writer", move |stop| writer.run(&stop)) {
@@ -604,12 +625,16 @@ struct Reader {
     /// The ID of the last entry delivered; `None` until the first seed.
     last: Option<String>,
     dedupe: Dedupe,
+    /// Where a batch gives its credit back once the dispatcher has taken it.
+    credit: Sender<()>,
+    /// The credits left: one is taken for each batch handed to the dispatcher.
+    credits: Receiver<()>,
 }
 
 /// Whether the reader goes on.
 enum Flow {
     Go,
-    /// The dispatcher is gone.
+    /// The server is stopping, or the dispatcher is gone.
     Stop,
 }
 
@@ -620,8 +645,8 @@ impl Reader {
                 continue;
             };
             let result = match self.last.clone() {
-                None => self.seed(&mut con, false),
-                Some(last) => self.read(&mut con, &last),
+                None => self.seed(&mut con, false, stop),
+                Some(last) => self.read(&mut con, &last, stop),
             };
             let result = match result {
                 Ok(Flow::Stop) => break,
@@ -645,7 +670,12 @@ impl Reader {
     /// and entries of other programs do not make this node's history shorter than the
     /// others'. After a loss the repeat filter starts afresh: the sequences it remembers
     /// belong to a stream that is gone.
-    fn seed(&mut self, con: &mut Connection, lost: bool) -> Result<Flow, Failure> {
+    fn seed(
+        &mut self,
+        con: &mut Connection,
+        lost: bool,
+        stop: &Receiver<()>,
+    ) -> Result<Flow, Failure> {
         let reply: Value = ::redis::cmd("XREVRANGE")
             .arg(&self.key)
             .arg("+")
@@ -665,20 +695,28 @@ impl Reader {
             frames.extend(frame);
         }
         frames.drain(..frames.len().saturating_sub(self.history));
-        let event = if lost {
-            Event::Restart(frames)
+        let flow = if lost {
+            match self.events.send(Event::Restart(frames)) {
+                Ok(()) => Flow::Go,
+                Err(_) => Flow::Stop,
+            }
         } else {
-            Event::Broadcasts(frames)
+            self.deliver(frames, stop)
         };
-        if self.events.send(event).is_err() {
-            return Ok(Flow::Stop);
+        if matches!(flow, Flow::Go) {
+            self.seeded = None;
+            self.con.health.read.store(true, Ordering::Relaxed);
         }
-        self.seeded = None;
-        Ok(Flow::Go)
+        Ok(flow)
     }
 
     /// Wait for entries after `last` and deliver them, unless Redis has lost `last`.
-    fn read(&mut self, con: &mut Connection, last: &str) -> Result<Flow, Failure> {
+    fn read(
+        &mut self,
+        con: &mut Connection,
+        last: &str,
+        stop: &Receiver<()>,
+    ) -> Result<Flow, Failure> {
         // Before the first entry there is nothing to have lost.
         let check = last != "0-0";
         let mut pipe = ::redis::pipe();
@@ -705,7 +743,7 @@ impl Reader {
                 self.key
             );
             self.metrics.redis_resets.inc();
-            return self.seed(con, true);
+            return self.seed(con, true, stop);
         }
         let items = entry::read_reply(read)?;
         self.metrics.redis_entries_read.inc_by(items.len() as u64);
@@ -718,10 +756,26 @@ impl Reader {
             self.last = Some(id);
             frames.extend(frame);
         }
-        if !frames.is_empty() && self.events.send(Event::Broadcasts(frames)).is_err() {
-            return Ok(Flow::Stop);
+        Ok(self.deliver(frames, stop))
+    }
+
+    /// Hand `frames` to the dispatcher as one batch, once it has taken enough of those
+    /// before that a credit is free.
+    fn deliver(&self, frames: Vec<Frame>, stop: &Receiver<()>) -> Flow {
+        if frames.is_empty() {
+            return Flow::Go;
         }
-        Ok(Flow::Go)
+        crossbeam_channel::select! {
+            recv(self.credits) -> credit => if credit.is_err() {
+                return Flow::Stop;
+            },
+            recv(stop) -> _ => return Flow::Stop,
+        }
+        let batch = Batch::new(frames, self.credit.clone());
+        match self.events.send(Event::Broadcasts(batch)) {
+            Ok(()) => Flow::Go,
+            Err(_) => Flow::Stop,
+        }
     }
 
     /// A stream entry's ID, and the frame to deliver for it: `None` for a repeat or an
@@ -750,5 +804,73 @@ impl Reader {
                 (id, None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::inbox;
+
+    /// A reader that never connects: enough to hand batches to a dispatcher's inbox.
+    fn reader(events: Events<PeerOutlet>) -> Reader {
+        let (credit, credits) = crossbeam_channel::bounded(BATCHES);
+        for _ in 0..BATCHES {
+            credit.try_send(()).expect("a credit");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let client = client("redis://127.0.0.1:1").expect("a valid URL");
+        Reader {
+            con: Reconnecting::new(
+                client,
+                Link::Reader,
+                REPLY_TIMEOUT,
+                &Arc::new(Health::default()),
+                &metrics,
+            ),
+            key: "k".to_string(),
+            history: 16,
+            events,
+            seeded: None,
+            metrics,
+            last: None,
+            dedupe: Dedupe::default(),
+            credit,
+            credits,
+        }
+    }
+
+    fn frames(count: usize) -> Vec<Frame> {
+        (0..count)
+            .map(|n| message::text("10.0.0.1:1: ", &n.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn at_most_a_few_batches_wait_for_the_dispatcher_however_large() {
+        let (events, inbox) = inbox::channel::<PeerOutlet>(64);
+        let reader = reader(events);
+        let (_running, never) = crossbeam_channel::bounded::<()>(0);
+        for _ in 0..BATCHES {
+            assert!(matches!(
+                reader.deliver(frames(READ_COUNT), &never),
+                Flow::Go
+            ));
+        }
+        // No credit left: the reader would wait, and only a stop lets it go.
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        drop(stop);
+        assert!(matches!(reader.deliver(frames(1), &stopped), Flow::Stop));
+        assert_eq!(
+            inbox.ready(usize::MAX).count(),
+            BATCHES,
+            "taken and dropped"
+        );
+        // The dispatcher dropped them: their credits are back.
+        assert_eq!(reader.credits.len(), BATCHES);
+        for _ in 0..BATCHES {
+            assert!(matches!(reader.deliver(frames(1), &never), Flow::Go));
+        }
+        assert!(matches!(reader.deliver(Vec::new(), &stopped), Flow::Go));
     }
 }
