@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use proptest::prelude::*;
 
 use super::*;
+use crate::server::inbox::Batch;
 
 /// What one in-memory client was sent.
 #[derive(Debug, Default)]
@@ -126,7 +127,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => proptest::option::weighted(0.3, 1..40usize).prop_map(|room| Op::Join { room }),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(who, close)| Op::Leave { who, close }),
-        8 => proptest::option::weighted(0.2, 0..40usize).prop_map(Op::Broadcast),
+        // Batches up to past a write's MAX_BATCH.
+        8 => proptest::option::weighted(0.2, 0..200usize).prop_map(Op::Broadcast),
         1 => any::<usize>().prop_map(|who| Op::Ping { who }),
         4 => (1..8usize).prop_map(Op::Visit),
         1 => (1..8u64).prop_map(Op::Tick),
@@ -221,7 +223,7 @@ fn check(ops: &[Op], history: usize) {
                 sent.extend(frames.iter().cloned());
                 shown.extend(frames.iter().cloned());
                 dispatcher.handle(match batch {
-                    Some(_) => Event::Broadcasts(frames),
+                    Some(_) => Event::Broadcasts(Batch::free(frames)),
                     None => Event::Broadcast(frames[0].clone()),
                 });
             }
@@ -343,6 +345,37 @@ proptest! {
     }
 }
 
+/// Failures proptest once shrank to (the last one a first read of a fleet's stream, which
+/// was a reseed then).
+#[test]
+fn past_failures_stay_fixed() {
+    use Op::{Broadcast, Join, Leave, Shutdown};
+    let open = Join { room: None };
+    check(
+        &[
+            open.clone(),
+            Broadcast(None),
+            Leave {
+                who: 0,
+                close: false,
+            },
+        ],
+        0,
+    );
+    check(
+        &[
+            open.clone(),
+            Broadcast(None),
+            Broadcast(None),
+            Join { room: Some(1) },
+            open,
+            Shutdown,
+        ],
+        1,
+    );
+    check(&[Broadcast(Some(1))], 1);
+}
+
 #[test]
 fn a_stalled_client_is_closed_with_1008_after_a_prefix() {
     let ops = [
@@ -375,7 +408,11 @@ fn a_first_read_is_the_early_joiners_history_and_a_restart_restarts_everyone() {
     };
     let text = |n: u32| message::text("10.0.0.9:9: ", &format!("m{n}"));
     let early = joiner(&mut dispatcher, 1);
-    dispatcher.handle(Event::Broadcasts(vec![text(10), text(11), text(12)]));
+    dispatcher.handle(Event::Broadcasts(Batch::free(vec![
+        text(10),
+        text(11),
+        text(12),
+    ])));
     dispatcher.handle(Event::Broadcast(text(1)));
     let late = joiner(&mut dispatcher, 2);
     dispatcher.handle(Event::Broadcast(text(2)));
