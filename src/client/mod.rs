@@ -317,8 +317,12 @@ impl Session<'_> {
             self.keep(text);
             return;
         };
-        // Counted first, so that its echo cannot come back before it is expected.
-        self.confirm.sent(&text);
+        // Counted first, so that its echo cannot come back before it is expected. Only
+        // where someone looks: a pipe with --no-confirm against a server that does not echo
+        // would otherwise keep every line it ever sent.
+        if self.interactive || self.config.confirm {
+            self.confirm.sent(&text);
+        }
         self.sent += 1;
         if link.send(&text).is_err() && self.interactive {
             // Sent again after the reconnect; in a pipe it stays unconfirmed.

@@ -151,14 +151,14 @@ fn terminal_error(e: ReadlineError) -> Error {
 
 fn edit_lines(mut editor: Editor, lines: &Sender<Input>) {
     let editing = Arc::clone(&editor.editing);
-    loop {
+    let end = loop {
         if editing.over.load(Ordering::Acquire) {
             return;
         }
         editing.reading.store(true, Ordering::Release);
         let read = editor.editor.readline("> ");
         editing.reading.store(false, Ordering::Release);
-        let input = match read {
+        match read {
             Ok(line) => {
                 // A multi-line paste arrives as one buffer: each line is a message.
                 for part in line.split(['\n', '\r']).filter(|p| !p.is_empty()) {
@@ -166,22 +166,19 @@ fn edit_lines(mut editor: Editor, lines: &Sender<Input>) {
                         return;
                     }
                 }
-                continue;
             }
-            Err(ReadlineError::Interrupted) => Input::Interrupted,
-            Err(ReadlineError::Eof) => Input::End,
+            Err(ReadlineError::Interrupted) => break Input::Interrupted,
+            Err(ReadlineError::Eof) => break Input::End,
             Err(e) => {
                 let _ = writeln!(io::stderr(), "client: cannot read the terminal: {e}");
-                Input::End
+                break Input::End;
             }
-        };
-        // After Ctrl-C or Ctrl-D the editor lets go of the terminal: what the session says
-        // next starts on a line of its own, and a second Ctrl-C reaches the signal handler.
-        let last = matches!(input, Input::End | Input::Interrupted);
-        if lines.send(input).is_err() || last {
-            return;
         }
-    }
+    };
+    // After Ctrl-C or Ctrl-D the editor lets go of the terminal and this thread ends: what
+    // the session says next starts on a line of its own, and a second Ctrl-C reaches the
+    // signal handler.
+    let _ = lines.send(end);
 }
 
 /// Whether the client is talking to a person: both stdin and stdout are terminals.
