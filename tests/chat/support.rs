@@ -516,12 +516,14 @@ pub fn run_client_with(url: &str, args: &[&str], input: &str) -> Output {
 
 /// Run `command` with `feed` writing its stdin on a thread of its own, so that a process
 /// that stops reading cannot hold the test past [`WAIT`]; stdin is closed when `feed`
-/// returns. The feeding thread ends when the process does, at the latest.
+/// returns. The feeding thread ends when the process does, at the latest, and is joined.
 pub fn fed(command: &mut Command, feed: impl FnOnce(&mut ChildStdin) + Send + 'static) -> Output {
     let mut proc = Proc::spawn(command);
     let mut stdin = proc.child.stdin.take().expect("stdin");
-    thread::spawn(move || feed(&mut stdin));
-    proc.output()
+    let feeding = thread::spawn(move || feed(&mut stdin));
+    let output = proc.output();
+    feeding.join().expect("the feeding thread");
+    output
 }
 
 /// The next line of `output`, read on a thread so that the wait has a bound ([`WAIT`]);
