@@ -202,15 +202,21 @@ fn every_client_on_every_node_receives_one_identical_sequence() {
     }
 }
 
+/// A node whose room has `m0` … `m{count-1}` from one client, and that client's tag.
+fn node_with_messages(redis: &Redis, count: usize) -> (Server, String) {
+    let node = redis.node();
+    let (mut sender, tag) = join(node.local_addr());
+    for n in 0..count {
+        send(&mut sender, &format!("m{n}"));
+    }
+    texts_until(&mut sender, &format!(": m{}", count - 1));
+    (node, tag)
+}
+
 #[test]
 fn a_node_started_later_shows_the_same_history_as_the_others() {
     let Some(redis) = Redis::start() else { return };
-    let first = redis.node();
-    let (mut sender, tag) = join(first.local_addr());
-    for n in 0..20 {
-        send(&mut sender, &format!("m{n}"));
-    }
-    texts_until(&mut sender, ": m19");
+    let (first, tag) = node_with_messages(&redis, 20);
     let later = redis.node();
     let history = |addr| {
         let (mut ws, _) = join(addr);
@@ -226,12 +232,7 @@ fn a_node_started_later_shows_the_same_history_as_the_others() {
 #[test]
 fn a_client_that_joins_before_its_node_has_read_the_stream_is_shown_the_history() {
     let Some(redis) = Redis::start() else { return };
-    let first = redis.node();
-    let (mut sender, tag) = join(first.local_addr());
-    for n in 0..3 {
-        send(&mut sender, &format!("m{n}"));
-    }
-    texts_until(&mut sender, ": m2");
+    let (_first, tag) = node_with_messages(&redis, 3);
     redis.run(&["CLIENT", "PAUSE", "5000", "ALL"]);
     let config = RedisConfig::new(&redis.url).key(&redis.key);
     let later = unthrottled(ServerConfig::default().redis(Some(config)));
