@@ -345,10 +345,45 @@ proptest! {
     }
 }
 
+/// Ops written short: `J` a join, `B` a broadcast, `L<n>` a leave without a close, `V<n>`
+/// a scan of `n` visits.
+fn script(ops: &str) -> Vec<Op> {
+    ops.split_whitespace()
+        .map(|op| {
+            let n = || op[1..].parse().expect("a number");
+            match &op[..1] {
+                "J" => Op::Join { room: None },
+                "B" => Op::Broadcast(None),
+                "L" => Op::Leave {
+                    who: n(),
+                    close: false,
+                },
+                "V" => Op::Visit(n()),
+                other => panic!("no op {other}"),
+            }
+        })
+        .collect()
+}
+
 /// Failures proptest once shrank to (the last one a first read of a fleet's stream, which
 /// was a reseed then).
 #[test]
 fn past_failures_stay_fixed() {
+    check(
+        &script(
+            "J V1 J J J J V6 J L0 J J L0 L0 J L0 J L0 J V1 V5 J J V7 J L7822019555049156741 V1 \
+             L12299812463675885836 J V1 V2 J L8076165691135451505 J J J J V2 V1 J J \
+             L3524363769378445580 J V6 V4 B V2 L11965468517787171259",
+        ),
+        0,
+    );
+    check(
+        &script(
+            "J J J J J J L0 J B J L0 J L0 J J J J J J J J J L0 L0 L656689554 L0 L0 J J L0 L0 J \
+             L0 V6 L0 J J B V5 L105322225066184460",
+        ),
+        0,
+    );
     use Op::{Broadcast, Join, Leave, Shutdown};
     let open = Join { room: None };
     check(
