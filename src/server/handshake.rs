@@ -232,7 +232,8 @@ fn answer<'s>(
 }
 
 /// `200 ok` with the number of clients, or `503` with the reason this node should not be
-/// sent new clients: it is shutting down, its Redis link is down, or the chat is full.
+/// sent new clients: it is shutting down, its Redis link is down or the room's history is
+/// not read from Redis yet, or the chat is full.
 fn health(context: &Context) -> Response<'static> {
     let admission = &context.admission;
     let (clients, max) = (admission.clients(), admission.max_clients());

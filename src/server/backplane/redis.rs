@@ -11,8 +11,9 @@
 //!   Its first read takes the stream's newest entries (`XREVRANGE`), delivered as the
 //!   broadcasts before any other: the history of every client, including those that
 //!   joined before it. It reads on from the newest of them, so nothing added after that
-//!   is skipped, and only then does `/healthz` say 200. Each read is pipelined behind an `XRANGE` of that last entry: while Redis
-//!   still has it, it has everything after it too (trimming only removes the oldest). When
+//!   is skipped, and only then does `/healthz` say 200. Each read is pipelined behind an
+//!   `XRANGE` of that last entry: while Redis still has it, it has everything after it too
+//!   (trimming only removes the oldest). When
 //!   it is gone, Redis restarted empty or this node was away longer than the window, and
 //!   there may be a gap the node cannot fill, so it restarts its clients with 1012 and
 //!   reseeds, rather than go on as if nothing happened.
@@ -56,9 +57,11 @@ const WRITE_BATCH: usize = 256;
 /// Entries taken in one `XREAD`, at most.
 const READ_COUNT: usize = 1024;
 
-/// Batches read and not yet taken by the dispatcher, at most: with [`READ_COUNT`], the
-/// messages a node holds for a dispatcher that falls behind. The rest waits in Redis
-/// (and past `--redis-window`, the node restarts its clients rather than miss any).
+/// Batches read and not yet taken by the dispatcher, at most: with [`READ_COUNT`], and the
+/// one read more that waits for a credit, the messages a node holds for a dispatcher that
+/// falls behind. The rest waits in Redis (and past `--redis-window`, the node restarts its
+/// clients rather than miss any). A first read, or the history after Redis lost data, is
+/// at most `--history` messages.
 const BATCHES: usize = 4;
 
 /// How long `XREAD` blocks in Redis. It bounds how long the reader takes to notice that
@@ -765,10 +768,9 @@ impl Reader {
         if frames.is_empty() {
             return Flow::Go;
         }
+        // The credits never run dry for good: this reader holds a sender of them itself.
         crossbeam_channel::select! {
-            recv(self.credits) -> credit => if credit.is_err() {
-                return Flow::Stop;
-            },
+            recv(self.credits) -> _ => {}
             recv(stop) -> _ => return Flow::Stop,
         }
         let batch = Batch::new(frames, self.credit.clone());
@@ -844,6 +846,22 @@ mod tests {
         (0..count)
             .map(|n| message::text("10.0.0.1:1: ", &n.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn health_waits_for_both_links_then_for_the_first_read() {
+        let health = Health::default();
+        assert_eq!(health.trouble(), Some("the Redis link is down"));
+        health.writer_up.store(true, Ordering::Relaxed);
+        health.reader_up.store(true, Ordering::Relaxed);
+        assert_eq!(
+            health.trouble(),
+            Some("the room's history is not read from Redis yet")
+        );
+        health.read.store(true, Ordering::Relaxed);
+        assert_eq!(health.trouble(), None);
+        health.reader_up.store(false, Ordering::Relaxed);
+        assert_eq!(health.trouble(), Some("the Redis link is down"));
     }
 
     #[test]
