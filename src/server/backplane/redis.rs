@@ -193,10 +193,7 @@ impl Fleet {
             redis.key,
             writer.node
         );
-        let (credit, credits) = crossbeam_channel::bounded(BATCHES);
-        for _ in 0..BATCHES {
-            let _ = credit.try_send(());
-        }
+        let (credit, credits) = credits();
         let reader = Reader {
             con: Reconnecting::new(
                 client,
@@ -277,6 +274,16 @@ pub(crate) fn redacted(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// The reader's [`BATCHES`] credits: where batches give them back, and where it takes them.
+fn credits() -> (Sender<()>, Receiver<()>) {
+    let (credit, credits) = crossbeam_channel::bounded(BATCHES);
+    for _ in 0..BATCHES {
+        // As many as the channel holds: each fits.
+        let _ = credit.try_send(());
+    }
+    (credit, credits)
 }
 
 /// A random 64-bit number, from the standard library's per-process random keys.
@@ -816,10 +823,7 @@ mod tests {
 
     /// A reader that never connects: enough to hand batches to a dispatcher's inbox.
     fn reader(events: Events<PeerOutlet>) -> Reader {
-        let (credit, credits) = crossbeam_channel::bounded(BATCHES);
-        for _ in 0..BATCHES {
-            credit.try_send(()).expect("a credit");
-        }
+        let (credit, credits) = credits();
         let metrics = Arc::new(Metrics::new());
         let client = client("redis://127.0.0.1:1").expect("a valid URL");
         Reader {
