@@ -94,7 +94,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct Server {
     local_addr: SocketAddr,
     listener: Arc<TcpListener>,
-    stop: Arc<AtomicBool>,
     /// Shared with every connection thread; taken at shutdown so the dispatcher can end.
     context: Option<Arc<Context>>,
     connections: Arc<Mutex<Connections>>,
@@ -159,7 +158,6 @@ impl Server {
             stopping: AtomicBool::new(false),
             tls,
         });
-        let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Connections {
             live: HashMap::new(),
             done: done_rx,
@@ -178,7 +176,6 @@ impl Server {
         let acceptor = Acceptor {
             listener: Arc::clone(&listener),
             context: Arc::clone(&context),
-            stop: Arc::clone(&stop),
             connections: Arc::clone(&connections),
             done: done_tx,
             next_id: 0,
@@ -189,7 +186,6 @@ impl Server {
         let mut server = Server {
             local_addr,
             listener,
-            stop,
             context: Some(context),
             connections,
             acceptor: None,
@@ -254,10 +250,9 @@ impl Server {
     fn stop_all(&mut self) -> Result<()> {
         let mut result = Ok(());
         if let Some(context) = &self.context {
-            context.stopping.store(true, Ordering::Relaxed);
+            context.stopping.store(true, Ordering::Release);
         }
         if let Some(acceptor) = self.acceptor.take() {
-            self.stop.store(true, Ordering::Release);
             self.wake_acceptor();
             if acceptor.join().is_err() {
                 result = Err(Error::Panicked { what: "acceptor" });
@@ -386,7 +381,6 @@ impl Connections {
 struct Acceptor {
     listener: Arc<TcpListener>,
     context: Arc<Context>,
-    stop: Arc<AtomicBool>,
     connections: Arc<Mutex<Connections>>,
     done: Sender<PeerId>,
     next_id: PeerId,
@@ -399,7 +393,7 @@ impl Acceptor {
     fn run(mut self) {
         loop {
             let accepted = self.listener.accept();
-            if self.stop.load(Ordering::Acquire) {
+            if self.context.stopping.load(Ordering::Acquire) {
                 break;
             }
             self.connections.lock().reap();
