@@ -29,11 +29,11 @@ use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::inbox::{Event, Inbox};
-use super::later;
 use super::metrics::{Closed, Metrics};
 use super::peer::PeerId;
 use super::ring::Ring;
 use crate::config::ServerConfig;
+use crate::config::later;
 use crate::message::{self, Frame};
 
 /// The most frames handed to one [`Outlet::send`]: well under the kernel's `IOV_MAX` of

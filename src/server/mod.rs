@@ -38,8 +38,7 @@ use self::peer::{Peer, PeerId, PeerOutlet};
 use self::tls::ServerTls;
 use self::web::Site;
 use self::workers::Workers;
-use crate::config::ServerConfig;
-pub(crate) use crate::config::later;
+use crate::config::{ServerConfig, later};
 use crate::error::{Error, Result};
 
 pub(crate) use self::backplane::check_url as check_redis_url;
