@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -57,6 +58,15 @@ fn launch(path: &Path, extra: &[&str]) -> Browser {
         .build()
         .expect("launch options");
     Browser::new(options).expect("Chromium starts")
+}
+
+/// A fresh Chromium (with `extra` flags) showing `url`, loaded.
+fn open(path: &Path, extra: &[&str], url: &str) -> (Browser, Arc<Tab>) {
+    let browser = launch(path, extra);
+    let tab = browser.new_tab().expect("tab");
+    tab.navigate_to(url).expect("navigate");
+    tab.wait_until_navigated().expect("loaded");
+    (browser, tab)
 }
 
 /// Wait until the JavaScript `condition` is true in the page.
@@ -114,11 +124,7 @@ fn the_page_chats_with_terminal_clients_and_reconnects_after_a_restart() {
     let Some(chromium) = chromium() else { return };
     let server = default_server();
     let addr = server.local_addr();
-    let browser = launch(&chromium, &[]);
-    let tab = browser.new_tab().expect("tab");
-    tab.navigate_to(&format!("http://{addr}/"))
-        .expect("navigate");
-    tab.wait_until_navigated().expect("loaded");
+    let (_browser, tab) = open(&chromium, &[], &format!("http://{addr}/"));
 
     wait_for(
         &tab,
@@ -253,11 +259,8 @@ fn over_https_the_page_chats_over_wss_with_the_command_line_client() {
     let pki = Pki::new("browser");
     let server = tls_server(&pki, ServerConfig::default());
     let port = server.local_addr().port();
-    let browser = launch(&chromium, &["--ignore-certificate-errors"]);
-    let tab = browser.new_tab().expect("tab");
-    tab.navigate_to(&format!("https://localhost:{port}/"))
-        .expect("navigate");
-    tab.wait_until_navigated().expect("loaded");
+    let url = format!("https://localhost:{port}/");
+    let (_browser, tab) = open(&chromium, &["--ignore-certificate-errors"], &url);
     wait_for(
         &tab,
         "connected over wss://",
@@ -383,10 +386,7 @@ fn the_page_says_when_the_room_is_full_and_counts_a_message_in_bytes() {
     let server = server(config);
     let addr = server.local_addr();
     let (occupant, _) = join(addr);
-    let browser = launch(&chromium, &[]);
-    let tab = browser.new_tab().expect("tab");
-    tab.navigate_to(&format!("http://{addr}/"))
-        .expect("navigate");
+    let (_browser, tab) = open(&chromium, &[], &format!("http://{addr}/"));
     wait_for(
         &tab,
         "the reason it cannot join",
