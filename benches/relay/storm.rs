@@ -41,37 +41,55 @@ pub struct Storm {
     pub server_us_per_reconnect: f64,
 }
 
-pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
-    // Clients of earlier scenarios may still be leaving.
+/// One storm: `clients` connecting at once, once the server has settled.
+struct Wave {
+    open: Vec<Conn>,
+    failed: usize,
+    seconds: f64,
+    /// The server's CPU seconds meanwhile.
+    cpu: f64,
+}
+
+fn wave(target: &Target, clients: usize) -> io::Result<Wave> {
+    // Clients that left before (of earlier scenarios, or of the first wave) may still be
+    // leaving.
     settle(&target.pid);
     let cpu = procfs::cpu_seconds(&target.pid);
     let started = Instant::now();
-    let (first, failed_first) = open_all(target.addr, clients)?;
-    let connect_s = started.elapsed().as_secs_f64();
-    let connect_cpu = procfs::cpu_seconds(&target.pid) - cpu;
-    if first.is_empty() {
+    let (open, failed) = open_all(target.addr, clients)?;
+    Ok(Wave {
+        open,
+        failed,
+        seconds: started.elapsed().as_secs_f64(),
+        cpu: procfs::cpu_seconds(&target.pid) - cpu,
+    })
+}
+
+pub fn run(target: &Target, clients: usize) -> io::Result<Storm> {
+    let first = wave(target, clients)?;
+    if first.open.is_empty() {
         return Err(io::Error::other("no client could connect"));
     }
-    let connected = first.len();
-    drop(first);
-    settle(&target.pid);
-    let cpu = procfs::cpu_seconds(&target.pid);
-    let started = Instant::now();
-    let (again, failed_again) = open_all(target.addr, clients)?;
-    let reconnect_s = started.elapsed().as_secs_f64();
-    let reconnect_cpu = procfs::cpu_seconds(&target.pid) - cpu;
+    let connected = first.open.len();
+    drop(first.open);
+    let Wave {
+        open: again,
+        failed: failed_again,
+        seconds: reconnect_s,
+        cpu: reconnect_cpu,
+    } = wave(target, clients)?;
     let reconnected = again.len();
     let groups: Vec<Vec<Conn>> = chunks(again, IN_FLIGHT);
     let (reached, _) = reach_all(groups)?;
     Ok(Storm {
         clients: connected,
-        connects_per_s: connected as f64 / connect_s,
+        connects_per_s: connected as f64 / first.seconds,
         reconnected,
         reconnect_s,
         reconnects_per_s: reconnected as f64 / reconnect_s,
-        failed: failed_first + failed_again,
+        failed: first.failed + failed_again,
         reached,
-        server_us_per_connect: connect_cpu * 1e6 / connected as f64,
+        server_us_per_connect: first.cpu * 1e6 / connected as f64,
         server_us_per_reconnect: reconnect_cpu * 1e6 / reconnected.max(1) as f64,
     })
 }
