@@ -3,14 +3,12 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
-use std::thread::{self, JoinHandle};
 
 use broadcast_chat::Server;
 use broadcast_chat::cli::ServerArgs;
-use crossbeam_channel::Receiver;
 use log::{LevelFilter, error, info};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::{Handle, Signals};
+use signal_hook::iterator::Signals;
 
 fn main() -> ExitCode {
     let args: ServerArgs = match broadcast_chat::cli::parse("server") {
@@ -43,7 +41,11 @@ fn run(args: &ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
 
-    let signals = SignalThread::start()?;
+    // Installed first: a signal that comes while the server starts waits for the loop
+    // below. SIGINT and SIGTERM stop the server; SIGHUP reloads the certificate of a TLS
+    // server, and stops any other, as it always has.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
     let config = args.config();
     broadcast_chat::raise_open_file_limit(&config);
     let web = config.web;
@@ -58,7 +60,7 @@ fn run(args: &ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     if web {
         info!("chat page at {http}://{addr}/");
     }
-    for signal in &signals.caught {
+    for signal in signals.forever() {
         if signal != SIGHUP || !server.is_tls() {
             break;
         }
@@ -74,44 +76,4 @@ fn run(args: &ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     server.shutdown()?;
     info!("stopped");
     Ok(())
-}
-
-/// A thread that passes on the signals the server acts on: SIGINT and SIGTERM stop it;
-/// SIGHUP reloads the certificate of a TLS server, and stops any other, as it always has.
-/// The thread ends when this is dropped.
-struct SignalThread {
-    caught: Receiver<i32>,
-    handle: Handle,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SignalThread {
-    fn start() -> Result<SignalThread, String> {
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
-            .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
-        let handle = signals.handle();
-        let (tx, caught) = crossbeam_channel::unbounded();
-        let thread = thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    let _ = tx.send(signal);
-                }
-            })
-            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-        Ok(SignalThread {
-            caught,
-            handle,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for SignalThread {
-    fn drop(&mut self) {
-        self.handle.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
