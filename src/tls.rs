@@ -19,10 +19,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{MsgFlags, recv, send};
+use nix::sys::socket::{MsgFlags, recv};
 use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::{self, PemObject};
+use socket2::SockRef;
 
 use crate::config::later;
 use crate::error::{Error, Result, time_left, timed_out};
@@ -166,6 +167,22 @@ fn seal(conn: &mut rustls::Connection, bufs: &mut [IoSlice<'_>]) -> io::Result<V
     Ok(records)
 }
 
+/// Send what `sock` takes now, without waiting and without SIGPIPE: how many bytes it
+/// took, 0 when its buffer is full.
+///
+/// # Errors
+/// As for a socket, but for a full buffer.
+pub(crate) fn send_now(sock: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    loop {
+        match SockRef::from(sock).send_vectored_with_flags(slices, flags) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            result => return result,
+        }
+    }
+}
+
 /// A socket read that never waits, for rustls to pull from while the lock is held.
 struct NoWait<'a>(&'a TcpStream);
 
@@ -244,14 +261,7 @@ impl Wire<'_> {
         if self.tls.is_some() {
             return Ok(0);
         }
-        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        loop {
-            match send(self.sock.as_raw_fd(), bytes, flags) {
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => return Ok(0),
-                result => return result.map_err(io::Error::from),
-            }
-        }
+        send_now(self.sock, &[IoSlice::new(bytes)])
     }
 
     /// Write all of `bytes`, blocking as the socket's write timeout allows. The caller

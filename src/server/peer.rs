@@ -39,9 +39,9 @@ use socket2::SockRef;
 
 use super::dispatcher::{MAX_BATCH, Outlet, Sent};
 use super::metrics::{Closed, Metrics};
-use crate::config::MAX_QUEUE;
+use crate::config::{MAX_QUEUE, later};
 use crate::message::Frame;
-use crate::tls::{Tls, Wire};
+use crate::tls::{Tls, Wire, send_now};
 
 /// Stack for a backlog writer: it only moves bytes, so a small one suffices.
 const WRITER_STACK: usize = 64 * 1024;
@@ -234,7 +234,7 @@ impl Peer {
     /// Wait until the close frame has been written or the socket has failed, at most
     /// `timeout`.
     pub(crate) fn wait_close_written(&self, timeout: Duration) {
-        let deadline = super::later(Instant::now(), timeout);
+        let deadline = later(Instant::now(), timeout);
         let mut write = self.write.lock();
         while !matches!(write.state, WriteState::Closed | WriteState::Gone) {
             if self.changed.wait_until(&mut write, deadline).timed_out() {
@@ -283,14 +283,7 @@ impl Peer {
         for (slot, frame) in iov.iter_mut().zip(frames) {
             *slot = IoSlice::new(frame);
         }
-        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        loop {
-            match SockRef::from(&self.stream).send_vectored_with_flags(&iov[..n], flags) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-                result => return result,
-            }
-        }
+        send_now(&self.stream, &iov[..n])
     }
 
     /// Write `frames` completely, blocking while the client makes progress. Fails with
