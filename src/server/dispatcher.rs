@@ -192,19 +192,8 @@ impl<O: Outlet> Dispatcher<O> {
 
     fn handle(&mut self, event: Event<O>) {
         match event {
-            Event::Broadcast(frame) => {
-                self.ring.push(frame);
-                self.tally.broadcast += 1;
-                self.settled = 0;
-            }
-            Event::Broadcasts(mut batch) => {
-                self.tally.broadcast += batch.frames.len() as u64;
-                self.settled = 0;
-                batch
-                    .frames
-                    .drain(..)
-                    .for_each(|frame| self.ring.push(frame));
-            }
+            Event::Broadcast(frame) => self.broadcast([frame]),
+            Event::Broadcasts(mut batch) => self.broadcast(batch.frames.drain(..)),
             Event::Restart(frames) => self.restart(frames),
             Event::Join(outlet) => self.join(outlet),
             Event::Pong(id, frame) => {
@@ -221,6 +210,15 @@ impl<O: Outlet> Dispatcher<O> {
                 self.close_all(&frame, Closed::Shutdown, now);
             }
         }
+    }
+
+    /// Append `frames` to the ring: the scan takes them to every client.
+    fn broadcast(&mut self, frames: impl IntoIterator<Item = Frame>) {
+        for frame in frames {
+            self.ring.push(frame);
+            self.tally.broadcast += 1;
+        }
+        self.settled = 0;
     }
 
     /// After everything broadcast before, close every client not closing already.

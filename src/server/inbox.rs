@@ -41,34 +41,21 @@ pub(crate) enum Event<O> {
 #[derive(Debug)]
 pub(crate) struct Batch {
     pub(crate) frames: Vec<Frame>,
-    credit: Option<Sender<()>>,
+    /// Where the credit goes back once the frames are taken.
+    credits: Sender<()>,
 }
 
 impl Batch {
     /// `frames`, holding a credit that goes back to `credits` once they are taken.
     pub(crate) fn new(frames: Vec<Frame>, credits: Sender<()>) -> Self {
-        Batch {
-            frames,
-            credit: Some(credits),
-        }
-    }
-
-    /// `frames`, with no credit to give back.
-    #[cfg(test)]
-    pub(crate) fn free(frames: Vec<Frame>) -> Self {
-        Batch {
-            frames,
-            credit: None,
-        }
+        Batch { frames, credits }
     }
 }
 
 impl Drop for Batch {
     fn drop(&mut self) {
-        if let Some(credits) = &self.credit {
-            // The credits channel holds one slot per credit, so there is always room.
-            let _ = credits.try_send(());
-        }
+        // The credits channel holds one slot per credit, so there is always room.
+        let _ = self.credits.try_send(());
     }
 }
 

@@ -252,7 +252,6 @@ fn serve(first: Job, parked: &Mutex<Parked>, threads: &Threads) {
                 threads.reap();
                 return;
             }
-            *me.slot.lock() = Slot::Parked;
             parked.stack.push_back(Arc::clone(&me));
             parked.park_for
         };

@@ -24,6 +24,11 @@ use proptest::prelude::*;
 use super::*;
 use crate::server::inbox::Batch;
 
+/// `frames` as a fleet's reader sends them, with a credit nobody waits for.
+fn credited(frames: Vec<Frame>) -> Batch {
+    Batch::new(frames, crossbeam_channel::bounded(0).0)
+}
+
 /// What one in-memory client was sent.
 #[derive(Debug, Default)]
 struct Wire {
@@ -223,7 +228,7 @@ fn check(ops: &[Op], history: usize) {
                 sent.extend(frames.iter().cloned());
                 shown.extend(frames.iter().cloned());
                 dispatcher.handle(match batch {
-                    Some(_) => Event::Broadcasts(Batch::free(frames)),
+                    Some(_) => Event::Broadcasts(credited(frames)),
                     None => Event::Broadcast(frames[0].clone()),
                 });
             }
@@ -443,7 +448,7 @@ fn a_first_read_is_the_early_joiners_history_and_a_restart_restarts_everyone() {
     };
     let text = |n: u32| message::text("10.0.0.9:9: ", &format!("m{n}"));
     let early = joiner(&mut dispatcher, 1);
-    dispatcher.handle(Event::Broadcasts(Batch::free(vec![
+    dispatcher.handle(Event::Broadcasts(credited(vec![
         text(10),
         text(11),
         text(12),
