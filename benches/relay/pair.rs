@@ -57,6 +57,7 @@ pub fn run(target: &Target, window: usize, duration: Duration) -> io::Result<Fan
     let mut histogram = vec![0u64; HISTOGRAM_US];
     let (mut deliveries, mut lost) = (0u64, 0u64);
     let mut text = Vec::with_capacity(64);
+    let mut stalled = false;
     while epoch.elapsed() < duration {
         let slowest = heard[0].min(heard[1]);
         while (sent_at.len() as u64) < slowest + window as u64 {
@@ -67,6 +68,7 @@ pub fn run(target: &Target, window: usize, duration: Duration) -> io::Result<Fan
             wire::send_frame(&sender, 1, &text)?;
         }
         let Ok((i, seq, at)) = arrivals.recv_timeout(STALL) else {
+            stalled = true;
             break;
         };
         let sent = sent_at.get(seq as usize).copied().unwrap_or(at);
@@ -85,6 +87,12 @@ pub fn run(target: &Target, window: usize, duration: Duration) -> io::Result<Fan
     }
     for reader in readers {
         let _ = reader.join();
+    }
+    if stalled {
+        // A closed or stalled connection is a failure, not a slow run.
+        return Err(io::Error::other(format!(
+            "no message for {STALL:?}: a connection closed or stalled"
+        )));
     }
     let per_delivery = |amount: f64| amount / deliveries.max(1) as f64;
     Ok(Fanout {
