@@ -399,6 +399,12 @@ mod tests {
         // Two end their jobs and park for an hour; one is still busy when stop begins.
         go_tx.send(()).expect("let go");
         go_tx.send(()).expect("let go");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workers.parked.lock().stack.len() < 2 {
+            assert!(Instant::now() < deadline, "the two threads did not park");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(finished.load(Ordering::SeqCst), 2, "one job still busy");
         let releaser = thread::spawn(move || {
             thread::sleep(Duration::from_millis(100));
             let _ = go_tx.send(());
