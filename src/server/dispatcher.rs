@@ -145,12 +145,7 @@ impl<O: Outlet> Dispatcher<O> {
         inbox.listen();
         loop {
             if !self.is_idle() {
-                let mut taken = 0;
-                for event in inbox.ready(EVENTS_PER_VISIT) {
-                    self.handle(event);
-                    taken += 1;
-                }
-                inbox.made_room(taken);
+                self.take_ready(inbox);
                 self.visit();
                 // Under load, look at the clock only now and then, not once per delivery.
                 self.visits = self.visits.wrapping_add(1);
@@ -160,7 +155,12 @@ impl<O: Outlet> Dispatcher<O> {
             } else {
                 self.rest();
                 match inbox.wait(self.next_housekeeping) {
-                    Ok(Some(event)) => self.handle(event),
+                    Ok(Some(event)) => {
+                        self.handle(event);
+                        // Events that leave nothing to write (a storm of leaves, say) are
+                        // taken together too, not each after a rest and a wait.
+                        self.take_ready(inbox);
+                    }
                     Ok(None) => {}
                     Err(_) => break,
                 }
@@ -172,6 +172,17 @@ impl<O: Outlet> Dispatcher<O> {
             }
         }
         debug!("dispatcher stopped");
+    }
+
+    /// Handle the events waiting, up to [`EVENTS_PER_VISIT`], and make room for as many
+    /// senders.
+    fn take_ready(&mut self, inbox: &Inbox<O>) {
+        let mut taken = 0;
+        for event in inbox.ready(EVENTS_PER_VISIT) {
+            self.handle(event);
+            taken += 1;
+        }
+        inbox.made_room(taken);
     }
 
     /// Whether every client is up to date, so there is nothing to write.
