@@ -165,21 +165,9 @@ impl Peer {
                 .map(|f| Ok(Frame::from(tls.seal(&mut [IoSlice::new(f)])?)));
             return each.collect::<io::Result<Vec<_>>>().map(Cow::Owned);
         }
-        // The slices on the stack, as for a plaintext write; a caller sends at most
-        // MAX_BATCH frames, so there is one chunk.
-        let mut records = Vec::new();
-        for chunk in frames.chunks(MAX_BATCH) {
-            let mut iov = [IoSlice::new(&[]); MAX_BATCH];
-            for (slot, frame) in iov.iter_mut().zip(chunk) {
-                *slot = IoSlice::new(frame);
-            }
-            let sealed = tls.seal(&mut iov[..chunk.len()])?;
-            if records.is_empty() {
-                records = sealed;
-            } else {
-                records.extend_from_slice(&sealed);
-            }
-        }
+        // The slices on the stack, as for a plaintext write.
+        let (mut iov, n) = slices(frames);
+        let records = tls.seal(&mut iov[..n])?;
         Ok(Cow::Owned(vec![Frame::from(records)]))
     }
 
@@ -278,11 +266,7 @@ impl Peer {
 
     /// Write `frames` without blocking. Returns how many bytes the kernel took.
     fn write_now(&self, frames: &[Frame]) -> io::Result<usize> {
-        let mut iov = [IoSlice::new(&[]); MAX_BATCH];
-        let n = frames.len().min(MAX_BATCH);
-        for (slot, frame) in iov.iter_mut().zip(frames) {
-            *slot = IoSlice::new(frame);
-        }
+        let (iov, n) = slices(frames);
         send_now(&self.stream, &iov[..n])
     }
 
@@ -606,6 +590,20 @@ fn write_failed(peer: &Peer, write: &mut Writing, e: &io::Error) {
         debug!("write to {} failed: {e}", peer.addr);
     }
     peer.fail(write);
+}
+
+/// The first [`MAX_BATCH`] of `frames` (all of them, as [`Outlet::send`] promises) as
+/// slices on the stack for one system call, and how many there are.
+fn slices(frames: &[Frame]) -> ([IoSlice<'_>; MAX_BATCH], usize) {
+    debug_assert!(
+        frames.len() <= MAX_BATCH,
+        "Outlet::send takes at most MAX_BATCH"
+    );
+    let mut iov = [IoSlice::new(&[]); MAX_BATCH];
+    for (slot, frame) in iov.iter_mut().zip(frames) {
+        *slot = IoSlice::new(frame);
+    }
+    (iov, frames.len().min(MAX_BATCH))
 }
 
 #[cfg(test)]
