@@ -56,20 +56,13 @@ fn aborted_handshakes_give_their_places_back() {
     let mut clients: Vec<(Ws, String)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(2);
     while clients.len() < MAX {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(WAIT)).expect("timeout");
-        match tungstenite::client(format!("ws://{addr}/"), stream) {
-            Ok((mut ws, _)) => {
-                assert_eq!(recv_text(&mut ws), WELCOME);
-                let tag = ws.get_ref().local_addr().expect("addr").to_string();
-                clients.push((ws, tag));
-            }
-            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(answer))) => {
-                assert_eq!(answer.status(), 503, "only a full chat may refuse");
+        match try_join(addr) {
+            Ok(client) => clients.push(client),
+            Err(status) => {
+                assert_eq!(status, 503, "only a full chat may refuse");
                 assert!(Instant::now() < deadline, "a place was not given back");
                 thread::sleep(ms(10));
             }
-            Err(e) => panic!("handshake: {e}"),
         }
     }
     let first = clients[0].1.clone();

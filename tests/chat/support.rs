@@ -39,17 +39,32 @@ pub type Ws = WebSocket<TcpStream>;
 
 /// A WebSocket client whose reads give up after [`WAIT`].
 pub fn connect(addr: SocketAddr) -> Ws {
+    try_connect(addr).unwrap_or_else(|status| panic!("the handshake was refused: {status}"))
+}
+
+/// As [`connect`], or the HTTP status the server refused the handshake with.
+pub fn try_connect(addr: SocketAddr) -> Result<Ws, u16> {
     let stream = TcpStream::connect(addr).expect("tcp connect");
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
     stream.set_nodelay(true).expect("nodelay");
-    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
-    ws
+    match tungstenite::client(format!("ws://{addr}/"), stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(answer))) => {
+            Err(answer.status().as_u16())
+        }
+        Err(e) => panic!("handshake: {e}"),
+    }
 }
 
 /// Connect and read the welcome; returns the client and its own address as the server
 /// tags it.
 pub fn join(addr: SocketAddr) -> (Ws, String) {
     welcomed(connect(addr))
+}
+
+/// As [`join`], or the HTTP status the server refused the handshake with.
+pub fn try_join(addr: SocketAddr) -> Result<(Ws, String), u16> {
+    try_connect(addr).map(welcomed)
 }
 
 /// As [`join`], from the loopback address `source` (127.0.0.2, say).
@@ -67,7 +82,7 @@ fn welcomed(mut ws: Ws) -> (Ws, String) {
 }
 
 /// The next text message, skipping pings and pongs.
-pub fn recv_text(ws: &mut Ws) -> String {
+pub fn recv_text<S: Read + Write>(ws: &mut WebSocket<S>) -> String {
     loop {
         match ws.read().expect("a message before the deadline") {
             Message::Text(t) => return t.to_string(),
@@ -79,7 +94,7 @@ pub fn recv_text(ws: &mut Ws) -> String {
 
 /// Read until the server's close frame; returns its code and reason, and every text that
 /// came before it.
-pub fn recv_until_close(ws: &mut Ws) -> (u16, String, Vec<String>) {
+pub fn recv_until_close<S: Read + Write>(ws: &mut WebSocket<S>) -> (u16, String, Vec<String>) {
     let mut texts = Vec::new();
     loop {
         match ws.read().expect("a close before the deadline") {
@@ -93,7 +108,7 @@ pub fn recv_until_close(ws: &mut Ws) -> (u16, String, Vec<String>) {
     }
 }
 
-pub fn send(ws: &mut Ws, text: &str) {
+pub fn send<S: Read + Write>(ws: &mut WebSocket<S>, text: &str) {
     ws.send(Message::Text(Utf8Bytes::from(text))).expect("send");
 }
 
