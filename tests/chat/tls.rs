@@ -73,14 +73,10 @@ impl Pki {
         TlsFiles::new(&self.cert, &self.key)
     }
 
-    pub fn server_args(&self) -> Vec<String> {
-        let path = |p: &Path| p.to_string_lossy().into_owned();
-        vec![
-            "--tls-cert".into(),
-            path(&self.cert),
-            "--tls-key".into(),
-            path(&self.key),
-        ]
+    pub fn server_args(&self) -> [&str; 4] {
+        let cert = self.cert.to_str().expect("a UTF-8 path");
+        let key = self.key.to_str().expect("a UTF-8 path");
+        ["--tls-cert", cert, "--tls-key", key]
     }
 }
 
@@ -104,10 +100,12 @@ fn wss(addr: SocketAddr, ca: &Path) -> (TlsWs, CertificateDer<'static>) {
 
 /// The TLS configuration of a client that trusts the CA in `ca`.
 fn trusting(ca: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
     let mut roots = RootCertStore::empty();
-    let ca = std::fs::read(ca).expect("read ca.pem");
-    for cert in pem_certificates(&ca) {
-        roots.add(cert).expect("a CA certificate");
+    for cert in CertificateDer::pem_file_iter(ca).expect("read ca.pem") {
+        roots
+            .add(cert.expect("a PEM certificate"))
+            .expect("a CA certificate");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -147,26 +145,17 @@ fn wss_on(sock: TcpStream, ca: &Path) -> (TlsWs, CertificateDer<'static>) {
         .into_owned();
     let (mut ws, _) = tungstenite::client(format!("wss://localhost:{}/", addr.port()), stream)
         .expect("the WebSocket handshake over TLS");
-    let welcome = ws.read().expect("the welcome");
-    assert_eq!(welcome.to_text().expect("text"), WELCOME);
+    assert_eq!(recv_text(&mut ws), WELCOME);
     (ws, shown)
 }
 
-fn pem_certificates(pem: &[u8]) -> Vec<CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .expect("PEM certificates")
-}
-
+/// Send `text` and read until it comes back; returns it as the server tagged it.
 fn say(ws: &mut TlsWs, text: &str) -> String {
-    ws.send(text.into()).expect("send");
+    send(ws, text);
     loop {
-        let message = ws.read().expect("read");
-        if let Ok(line) = message.to_text()
-            && line.ends_with(&format!(": {text}"))
-        {
-            return line.to_string();
+        let line = recv_text(ws);
+        if line.ends_with(&format!(": {text}")) {
+            return line;
         }
     }
 }
@@ -183,11 +172,8 @@ fn the_client_with_ca_chats_with_a_tls_server() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.starts_with(WELCOME), "{stdout}");
     assert!(stdout.contains(": hello over tls"), "{stdout}");
-    let heard = other.read().expect("the client's message");
-    assert!(
-        heard.to_text().expect("text").ends_with(": hello over tls"),
-        "{heard:?}"
-    );
+    let heard = recv_text(&mut other);
+    assert!(heard.ends_with(": hello over tls"), "{heard}");
     // Both directions, over the same connection, from a TLS client of another make.
     assert!(say(&mut other, "and back").starts_with("127.0.0.1:"));
 }
@@ -251,8 +237,7 @@ fn the_client_says_when_a_wss_url_reaches_a_plaintext_server() {
 #[test]
 fn plain_http_on_the_tls_port_and_tls_on_the_plain_port_are_refused_and_logged() {
     let pki = Pki::new("mixed");
-    let args = pki.server_args();
-    let tls = ServerProc::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let tls = ServerProc::start(&pki.server_args());
     let (status, _, body) = ask(tls.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(status.starts_with("HTTP/1.1 400"), "{status}");
     assert!(body.contains("use https:// or wss://"), "{body}");
@@ -374,30 +359,22 @@ fn a_tls_client_that_does_not_read_is_closed_with_1008_and_can_read_it() {
         say(&mut sender, &format!("{i} {big}"));
     }
     // Everything the stalled client was sent decrypts: an unbroken prefix, then the 1008.
-    let mut received = 0;
-    let close = loop {
-        match stalled.read().expect("every record decrypts") {
-            tungstenite::Message::Text(text) => {
-                assert!(
-                    text.ends_with(&format!(": {received} {big}")),
-                    "no gap before the close"
-                );
-                received += 1;
-            }
-            tungstenite::Message::Close(frame) => break frame.expect("a close code"),
-            _ => {}
-        }
-    };
-    assert_eq!(u16::from(close.code), 1008);
-    assert!(close.reason.contains("too slow"), "{}", close.reason);
-    assert!(received < MESSAGES, "cut off early ({received})");
+    let (code, reason, texts) = recv_until_close(&mut stalled);
+    for (i, text) in texts.iter().enumerate() {
+        assert!(
+            text.ends_with(&format!(": {i} {big}")),
+            "no gap before the close"
+        );
+    }
+    assert_eq!(code, 1008);
+    assert!(reason.contains("too slow"), "{reason}");
+    assert!(texts.len() < MESSAGES, "cut off early ({})", texts.len());
 }
 
 #[test]
 fn sighup_loads_a_new_certificate_for_new_connections_and_old_ones_keep_chatting() {
     let pki = Pki::new("reload");
-    let args = pki.server_args();
-    let server = ServerProc::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let server = ServerProc::start(&pki.server_args());
     server.expect_log("listening on wss://");
     let (mut before, shown) = wss(server.addr, &pki.ca);
     assert_eq!(shown, pki.der);
@@ -409,8 +386,7 @@ fn sighup_loads_a_new_certificate_for_new_connections_and_old_ones_keep_chatting
     assert_eq!(shown, pki.der, "a new connection gets the new certificate");
     say(&mut before, "from before the reload");
     say(&mut after, "from after it");
-    let heard = before.read().expect("the newcomer's message");
-    assert!(heard.to_text().expect("text").ends_with(": from after it"));
+    assert!(recv_text(&mut before).ends_with(": from after it"));
 
     // A broken file is refused and logged; the certificate in use stays.
     std::fs::write(&pki.key, "not a key").expect("break the key");
