@@ -20,7 +20,9 @@ mod storm;
 mod tls;
 mod wire;
 
+use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -238,7 +240,8 @@ fn external(url: &str, args: &Args) -> Target {
 }
 
 /// Start the release server on a free port with `options`, pinned to CPU 0 when we are
-/// pinned to CPU 1.
+/// pinned to CPU 1. It logs at its default level, as users run it, to
+/// `target/bench/LABEL.log` rather than to the terminal, which is not what is measured.
 fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer) {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -247,7 +250,7 @@ fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer)
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let server = env!("CARGO_BIN_EXE_server");
     let bind = addr.to_string();
-    let mut server_args = vec!["--bind", bind.as_str(), "--log-level", "warn"];
+    let mut server_args = vec!["--bind", bind.as_str()];
     server_args.extend(options);
     let mut command = if pinned {
         let mut c = Command::new("taskset");
@@ -258,8 +261,15 @@ fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer)
         c.args(&server_args);
         c
     };
+    let log = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench")
+        .join(format!("{}.log", label.replace(' ', "-")));
+    let stderr = fs::create_dir_all(log.parent().expect("a parent"))
+        .and_then(|()| File::create(&log))
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
     let child = command
         .stdin(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start the server");
     let pid = child.id().to_string();
@@ -268,7 +278,8 @@ fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer)
     while TcpStream::connect(addr).is_err() {
         assert!(
             Instant::now() < deadline,
-            "the server did not start listening"
+            "the server did not start listening; see {}",
+            log.display()
         );
         thread::sleep(Duration::from_millis(20));
     }

@@ -280,7 +280,7 @@ impl Session<'_> {
             }
             let event = match message {
                 Message::Text(text) => {
-                    info!("{} says {:?}", self.peer.addr, text.as_str());
+                    debug!("{} says {:?}", self.peer.addr, text.as_str());
                     self.context.metrics.received.inc();
                     let published =
                         self.context

@@ -429,7 +429,7 @@ impl Acceptor {
         let Some(pending) = self.admit(&peer) else {
             return;
         };
-        log::info!("connection from {addr}");
+        debug!("connection from {addr}");
         if let Err(e) = peer.stream.set_nodelay(true) {
             debug!("{addr}: cannot set TCP_NODELAY: {e}");
         }

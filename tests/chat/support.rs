@@ -446,6 +446,19 @@ impl ServerProc {
         }
     }
 
+    /// Every line logged after the start, up to the one containing `needle`.
+    pub fn log_until(&self, needle: &str) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.early.clone();
+        while !lines.last().is_some_and(|l| l.contains(needle)) {
+            match self.log.recv_deadline(deadline) {
+                Ok(line) => lines.push(line),
+                Err(_) => panic!("no log line containing {needle:?} in {lines:?}"),
+            }
+        }
+        lines
+    }
+
     /// Wait for a log line containing `needle`; returns it.
     pub fn expect_log(&self, needle: &str) -> String {
         if let Some(line) = self.early.iter().find(|l| l.contains(needle)) {
