@@ -151,7 +151,9 @@ impl Workers {
         let number = joinable.next;
         let parked = Arc::clone(&self.parked);
         let threads = Arc::clone(&self.threads);
+        // Named, or it would show as "acceptor", the thread that started it, in `top -H`.
         let handle = thread::Builder::new()
+            .name("connection".into())
             .stack_size(self.stack_size)
             .spawn(move || {
                 let _ended = Ended {

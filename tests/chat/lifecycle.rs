@@ -115,6 +115,38 @@ fn each_idle_client_costs_one_thread_and_one_descriptor() {
     eventually("descriptors released", || fds_of(pid) == fds);
 }
 
+#[test]
+fn the_dispatcher_is_scheduled_as_a_batch_thread_and_the_rest_normally() {
+    let server = ServerProc::start(&[]);
+    let (_ws, _) = join(server.addr);
+    let pid = server.proc.pid();
+    let policies: Vec<(String, String)> = thread_ids(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(") ")?;
+            let name = head.split_once(" (")?.1.to_string();
+            // Field 41 of stat(5) is the policy; `tail` starts at field 3.
+            Some((name, tail.split(' ').nth(41 - 3)?.to_string()))
+        })
+        .collect();
+    let batch = libc::SCHED_BATCH.to_string();
+    let normal = libc::SCHED_OTHER.to_string();
+    assert!(
+        policies.contains(&("dispatcher".to_string(), batch.clone())),
+        "the dispatcher runs as SCHED_BATCH: {policies:?}"
+    );
+    assert!(
+        policies.iter().all(|(name, policy)| policy
+            == if name == "dispatcher" {
+                &batch
+            } else {
+                &normal
+            }),
+        "every other thread stays SCHED_OTHER: {policies:?}"
+    );
+}
+
 /// The ids of process `pid`'s threads.
 fn thread_ids(pid: u32) -> HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
