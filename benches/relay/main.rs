@@ -22,7 +22,7 @@ mod wire;
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -88,14 +88,41 @@ pub struct Target {
 }
 
 /// Our release server, started for the run and stopped when dropped.
-struct OwnServer(Child);
+/// A server the harness started, and the file its log goes to.
+struct OwnServer {
+    child: Child,
+    label: String,
+    log: PathBuf,
+}
+
+/// The most warnings and errors repeated from a server's log when it is stopped.
+const LOG_LINES_SHOWN: usize = 20;
 
 impl Drop for OwnServer {
+    /// Stop the server, then show what it warned about, which would otherwise stay unseen
+    /// in its log file.
     fn drop(&mut self) {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let _ = self.0.wait();
+        let _ = self.child.wait();
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let troubles: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("[WARN]") || l.contains("[ERROR]"))
+            .collect();
+        if !troubles.is_empty() {
+            eprintln!(
+                "{}: {} warnings or errors in {}, the first {} of them:",
+                self.label,
+                troubles.len(),
+                self.log.display(),
+                troubles.len().min(LOG_LINES_SHOWN)
+            );
+            for line in troubles.iter().take(LOG_LINES_SHOWN) {
+                eprintln!("  {line}");
+            }
+        }
     }
 }
 
@@ -273,7 +300,12 @@ fn start_own(pinned: bool, options: &[&str], label: &str) -> (Target, OwnServer)
         .spawn()
         .expect("start the server");
     let pid = child.id().to_string();
-    let own = OwnServer(child);
+    println!("{label}: logging to {}", log.display());
+    let own = OwnServer {
+        child,
+        label: label.to_string(),
+        log: log.clone(),
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
         assert!(

@@ -446,8 +446,12 @@ impl ServerProc {
         }
     }
 
-    /// Every line logged after the start, up to the one containing `needle`.
+    /// The lines logged since the start, up to the one containing `needle`, less those
+    /// [`expect_log`](Self::expect_log) has taken already.
     pub fn log_until(&self, needle: &str) -> Vec<String> {
+        if let Some(at) = self.early.iter().position(|l| l.contains(needle)) {
+            return self.early[..=at].to_vec();
+        }
         let deadline = Instant::now() + WAIT;
         let mut lines = self.early.clone();
         while !lines.last().is_some_and(|l| l.contains(needle)) {
