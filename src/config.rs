@@ -53,17 +53,18 @@ pub struct ServerConfig {
     /// host cannot take the room of the others; loopback benchmarks with 64 handshakes in
     /// flight fit.
     pub max_pending_per_ip: usize,
-    /// The most connection threads kept parked after their clients leave, to serve the
-    /// next clients without starting a thread each. Default `None`: as many as there may
-    /// be connections (`max_clients` plus `max_pending`), so that when every client
-    /// reconnects at once (a network blip, a load balancer's failover) each finds a
-    /// thread waiting. Threads never outnumber the connections the server allows (and the
-    /// memory mappings and process ids those cost), however large the cache: it only
-    /// keeps them for up to `thread_idle` after the clients have gone. Zero ends each
-    /// thread with its connection.
+    /// The most connection threads kept waiting in `accept()` after their clients leave,
+    /// besides the one that always waits, to serve the next clients without starting a
+    /// thread each. Default `None`: as many as there may be connections (`max_clients` plus
+    /// `max_pending`), so that when every client reconnects at once (a network blip, a load
+    /// balancer's failover) each finds a thread waiting. Threads never outnumber the
+    /// connections the server allows (and the memory mappings and process ids those cost),
+    /// however large the cache: it only keeps them for up to `thread_idle` after the clients
+    /// have gone. Zero ends each thread with its connection.
     pub thread_cache: Option<usize>,
-    /// How long a parked thread waits for a new client before it ends, so that an idle
-    /// server gives its memory back. Default 30 s.
+    /// How long a waiting connection thread waits for a new client before it ends (unless
+    /// it is the last one waiting), so that an idle server gives its memory back. Default
+    /// 30 s.
     pub thread_idle: Duration,
     /// Web origins (`scheme://host[:port]`) whose pages may open a WebSocket here besides
     /// the server's own; `*` allows any, `null` sandboxed frames and local files. Default

@@ -87,14 +87,14 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_pending_per_ip: u32,
 
-    /// Connection threads kept parked, after their client leaves, for the next clients to
+    /// Connection threads kept waiting, after their client leaves, for the next clients to
     /// come, 0 to 2000000; 0 ends each thread with its connection [default: --max-clients
     /// plus --max-pending]
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(0..=2_000_000))]
     thread_cache: Option<u32>,
 
-    /// Seconds a parked connection thread waits for a new client before it ends, 1 to
+    /// Seconds a waiting connection thread waits for a new client before it ends, 1 to
     /// 86400
     #[arg(long, value_name = "SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=86_400))]

@@ -52,7 +52,7 @@ pub(crate) struct Context {
     /// Where the clients' messages go.
     pub(crate) backplane: Backplane,
     pub(crate) metrics: Arc<Metrics>,
-    /// Set when shutdown begins: `/healthz` says so, and the acceptor, woken, ends.
+    /// Set when shutdown begins: `/healthz` says so.
     pub(crate) stopping: AtomicBool,
     /// The certificate, when the port speaks TLS.
     pub(crate) tls: Option<ServerTls>,

@@ -1,13 +1,11 @@
 //! The server: the accept loop, one thread per connection, and an orderly shutdown.
 //!
 //! Threads and their owners:
-//! - the **acceptor** blocks in `accept()` and gives each client a connection thread, a
-//!   parked one if there is one (see [`workers`]); it joins the threads that have ended
-//!   each time it wakes, as does each thread that ends for want of work;
-//!   [`Server::shutdown`] joins it;
-//! - each **connection thread** does the handshake and reads its client (see
-//!   [`super::connection`]), then parks for the next; it joins its client's short-lived
-//!   writer thread, if any;
+//! - each **connection thread** waits in `accept()` (see [`workers`]), does the handshake
+//!   of the connection it gets and reads its client (see [`super::connection`]), then
+//!   waits in `accept()` again; it joins its client's short-lived writer thread, if any,
+//!   and the connection threads that have ended; [`Server::shutdown`] wakes the waiting
+//!   ones and joins them all;
 //! - in a fleet, a **Redis writer** and a **Redis reader** (see [`backplane`]);
 //!   [`Server::shutdown`] stops the writer once the connection threads are cut, and the
 //!   reader after they have ended;
@@ -17,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
@@ -26,7 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, warn};
 use parking_lot::Mutex;
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{Domain, Socket, Type};
 
 use self::admission::{Admission, Pending, Refusal};
 use self::backplane::{Backplane, Fleet};
@@ -37,7 +35,7 @@ use self::metrics::{Metrics, Refused};
 use self::peer::{Peer, PeerId, PeerOutlet};
 use self::tls::ServerTls;
 use self::web::Site;
-use self::workers::Workers;
+use self::workers::{Gate, Job, Workers};
 use crate::config::{ServerConfig, later};
 use crate::error::{Error, Result};
 
@@ -92,11 +90,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
-    listener: Arc<TcpListener>,
     /// Shared with every connection thread; taken at shutdown so the dispatcher can end.
     context: Option<Arc<Context>>,
     connections: Arc<Mutex<Connections>>,
-    acceptor: Option<JoinHandle<()>>,
+    /// The connection threads, and through the acceptor they share, the context: dropped
+    /// at shutdown once they are joined.
+    workers: Option<Workers>,
     /// The Redis threads, in a fleet.
     fleet: Option<Fleet>,
     dispatcher: Option<JoinHandle<()>>,
@@ -160,20 +159,13 @@ impl Server {
         let connections = Arc::new(Mutex::new(Connections {
             live: HashMap::new(),
             done: done_rx,
-            workers: Workers::new(
-                thread_cap(&context.config),
-                CONNECTION_STACK,
-                context.config.thread_cache.unwrap_or(
-                    context
-                        .config
-                        .max_clients
-                        .saturating_add(context.config.max_pending),
-                ),
-                context.config.thread_idle,
-            ),
         }));
-        let acceptor = Acceptor {
-            listener: Arc::clone(&listener),
+        let config = &context.config;
+        let cache = config
+            .thread_cache
+            .unwrap_or(config.max_clients.saturating_add(config.max_pending));
+        let (limit, idle) = (thread_cap(config), config.thread_idle);
+        let acceptor = Mutex::new(Acceptor {
             context: Arc::clone(&context),
             connections: Arc::clone(&connections),
             done: done_tx,
@@ -181,27 +173,23 @@ impl Server {
             refusals: Throttle::default(),
             evictions: Throttle::default(),
             failures: Throttle::default(),
-        };
+        });
         let mut server = Server {
             local_addr,
-            listener,
             context: Some(context),
             connections,
-            acceptor: None,
+            workers: None,
             fleet,
             dispatcher: Some(dispatcher),
         };
-        // On failure the closure, and the acceptor's context with it, is dropped before
-        // `stop_all` waits for the dispatcher.
-        match thread::Builder::new()
-            .name("acceptor".into())
-            .spawn(move || acceptor.run())
-        {
-            Ok(handle) => server.acceptor = Some(handle),
+        // On failure the acceptor, and its context with it, is dropped before `stop_all`
+        // waits for the dispatcher.
+        match Workers::start(listener, acceptor, limit, CONNECTION_STACK, cache, idle) {
+            Ok(workers) => server.workers = Some(workers),
             Err(source) => {
                 let _ = server.stop_all();
                 return Err(Error::Spawn {
-                    what: "acceptor",
+                    what: "connection",
                     source,
                 });
             }
@@ -251,11 +239,8 @@ impl Server {
         if let Some(context) = &self.context {
             context.stopping.store(true, Ordering::Release);
         }
-        if let Some(acceptor) = self.acceptor.take() {
-            self.wake_acceptor();
-            if acceptor.join().is_err() {
-                result = Err(Error::Panicked { what: "acceptor" });
-            }
+        if let Some(workers) = &self.workers {
+            workers.close();
         }
         if let Some(context) = self.context.take() {
             let _ = context.events.send(Event::Shutdown);
@@ -269,33 +254,21 @@ impl Server {
             }
             connections.wait_all();
         }
+        if let Some(workers) = self.workers.take() {
+            workers.stop();
+        }
         if let Some(fleet) = self.fleet.take() {
             fleet.stop();
         }
         // The dispatcher ends once the last event sender is gone: the connection threads'
-        // went with them, the acceptor's with it, the Redis reader's with the fleet, and
-        // the server's with `context` above.
+        // went with them, the acceptor's with the workers, the Redis reader's with the
+        // fleet, and the server's with `context` above.
         if let Some(dispatcher) = self.dispatcher.take()
             && dispatcher.join().is_err()
         {
             result = Err(Error::Panicked { what: "dispatcher" });
         }
         result
-    }
-
-    /// Unblock the acceptor's `accept()` by connecting to ourselves.
-    fn wake_acceptor(&self) {
-        let mut target = self.local_addr;
-        if target.ip().is_unspecified() {
-            target.set_ip(match target.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            });
-        }
-        if TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err() {
-            // On Linux, shutting a listening socket down also wakes a blocked accept.
-            let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Both);
-        }
     }
 }
 
@@ -325,23 +298,21 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The connections being served, and the threads that serve them.
+/// The connections being served.
 #[derive(Debug)]
 struct Connections {
     /// Weak, so that the registry never keeps a finished client's socket open.
     live: HashMap<PeerId, Weak<Peer>>,
     /// Each connection sends its id here as it ends.
     done: Receiver<PeerId>,
-    workers: Workers,
 }
 
 impl Connections {
-    /// Forget the connections that have ended, and join the threads that have.
+    /// Forget the connections that have ended.
     fn reap(&mut self) {
         while let Ok(id) = self.done.try_recv() {
             self.live.remove(&id);
         }
-        self.workers.reap();
     }
 
     /// Wait for connections to end, until all have or `deadline` passes.
@@ -356,7 +327,7 @@ impl Connections {
         }
     }
 
-    /// Wait for every connection to end (they have been cut), then join every thread.
+    /// Wait for every connection to end (they have been cut).
     fn wait_all(&mut self) {
         while !self.live.is_empty() {
             match self.done.recv() {
@@ -366,7 +337,6 @@ impl Connections {
                 Err(_) => break,
             }
         }
-        self.workers.stop();
     }
 
     fn abort_all(&self) {
@@ -376,9 +346,10 @@ impl Connections {
     }
 }
 
-/// The acceptor thread's state.
+/// What every connection thread consults with the connection it accepted: whether there
+/// is room for it, and the job that serves it. Under a mutex the threads share, held for
+/// the bookkeeping only (no system call).
 struct Acceptor {
-    listener: Arc<TcpListener>,
     context: Arc<Context>,
     connections: Arc<Mutex<Connections>>,
     done: Sender<PeerId>,
@@ -388,69 +359,70 @@ struct Acceptor {
     failures: Throttle,
 }
 
-impl Acceptor {
-    fn run(mut self) {
-        loop {
-            let accepted = self.listener.accept();
-            if self.context.stopping.load(Ordering::Acquire) {
-                break;
+impl Gate for Mutex<Acceptor> {
+    fn admit(&self, stream: TcpStream, addr: SocketAddr, thread: io::Result<()>) -> Option<Job> {
+        let (peer, pending, done, context) = self.lock().start(stream, addr, thread)?;
+        Some(Box::new(move || {
+            let _done = done;
+            if let Err(e) = peer.stream.set_nodelay(true) {
+                debug!("{addr}: cannot set TCP_NODELAY: {e}");
             }
-            self.connections.lock().reap();
-            match accepted {
-                Ok((stream, addr)) => self.start(stream, addr),
-                Err(e) => self.accept_failed(&e),
-            }
-        }
-        debug!("acceptor stopped");
+            connection::run(&peer, &context, pending);
+        }))
     }
 
-    /// Give a new connection room for its handshake and a thread, or close it at once.
-    fn start(&mut self, stream: TcpStream, addr: SocketAddr) {
+    fn failed(&self, error: &io::Error) {
+        let pause = self.lock().accept_failed(error);
+        if pause {
+            thread::sleep(ACCEPT_BACKOFF);
+        }
+    }
+}
+
+/// A connection given room: its peer, its place among the handshakes, what tells the
+/// registry it has ended, and the server it belongs to.
+type Started = (Arc<Peer>, Pending, DoneSignal, Arc<Context>);
+
+impl Acceptor {
+    /// Give a new connection room for its handshake, or close it at once. `thread` says
+    /// whether the thread that accepted it may serve it.
+    fn start(
+        &mut self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        thread: io::Result<()>,
+    ) -> Option<Started> {
         let registry = Arc::clone(&self.connections);
         let mut connections = registry.lock();
+        connections.reap();
         let threads = thread_cap(&self.context.config);
         let full = connections.live.len() >= threads;
         // Checked before admission, which may cut another handshake to make room.
-        if full || !connections.workers.has_room() {
+        if full || thread.is_err() {
             self.context.metrics.refused(Refused::Busy);
             if let Some(more) = self.refusals.ready() {
-                let why = if full {
-                    "connections are open, the most --max-clients and --max-pending allow"
-                } else {
-                    "connection threads are busy, some still ending connections that closed"
-                };
-                warn!("closing {addr} at once: {threads} {why}{more}");
+                match thread {
+                    Err(e) if !full => warn!("closing {addr} at once: {e}{more}"),
+                    _ => warn!(
+                        "closing {addr} at once: {threads} connections are open, the most \
+                         --max-clients and --max-pending allow{more}"
+                    ),
+                }
             }
-            return;
+            return None;
         }
         self.next_id += 1;
         let metrics = Arc::clone(&self.context.metrics);
         let peer = Arc::new(Peer::new(self.next_id, stream, addr, metrics));
-        let Some(pending) = self.admit(&peer) else {
-            return;
-        };
+        let pending = self.admit(&peer)?;
         debug!("connection from {addr}");
-        if let Err(e) = peer.stream.set_nodelay(true) {
-            debug!("{addr}: cannot set TCP_NODELAY: {e}");
-        }
-        let weak = Arc::downgrade(&peer);
-        let id = peer.id;
-        let context = Arc::clone(&self.context);
+        connections.live.insert(peer.id, Arc::downgrade(&peer));
         let done = DoneSignal {
-            id,
+            id: peer.id,
             addr,
             done: self.done.clone(),
         };
-        let job = Box::new(move || {
-            let _done = done;
-            connection::run(&peer, &context, pending);
-        });
-        match connections.workers.run(job) {
-            Ok(()) => {
-                connections.live.insert(id, weak);
-            }
-            Err(e) => error!("cannot start a thread for {addr}: {e}; closing it"),
-        }
+        Some((peer, pending, done, Arc::clone(&self.context)))
     }
 
     /// Room for `peer`'s handshake, logging (at most once a second) a refusal or a
@@ -487,7 +459,8 @@ impl Acceptor {
         }
     }
 
-    fn accept_failed(&mut self, e: &io::Error) {
+    /// Log a failed `accept()`; whether the thread should pause before it tries again.
+    fn accept_failed(&mut self, e: &io::Error) -> bool {
         match e.raw_os_error() {
             Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                 if let Some(more) = self.failures.ready() {
@@ -496,9 +469,12 @@ impl Acceptor {
                          limit (ulimit -n) or lower --max-clients{more}"
                     );
                 }
-                thread::sleep(ACCEPT_BACKOFF);
+                true
             }
-            _ => debug!("accept failed: {e}"),
+            _ => {
+                debug!("accept failed: {e}");
+                false
+            }
         }
     }
 }
@@ -526,7 +502,7 @@ fn thread_cap(config: &ServerConfig) -> usize {
         .saturating_add(ENDING_THREADS)
 }
 
-/// Tells the acceptor a connection has ended, even if its thread panicked.
+/// Tells the registry a connection has ended, even if its thread panicked.
 struct DoneSignal {
     id: PeerId,
     addr: SocketAddr,
