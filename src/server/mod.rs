@@ -78,9 +78,6 @@ const EVENT_QUEUE: usize = 4096;
 /// Connections the kernel may hold for us before `accept` (capped by `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// How long `accept` pauses when the process is out of file descriptors.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 /// At shutdown, how long clients get to answer the close before their sockets are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -364,18 +361,22 @@ impl Gate for Mutex<Acceptor> {
         let (peer, pending, done, context) = self.lock().start(stream, addr, thread)?;
         Some(Box::new(move || {
             let _done = done;
-            if let Err(e) = peer.stream.set_nodelay(true) {
-                debug!("{addr}: cannot set TCP_NODELAY: {e}");
+            // The socket inherits the listening socket's timeout, which ends idle threads;
+            // the handshake expects none until it sets its own.
+            let options = peer
+                .stream
+                .set_read_timeout(None)
+                .and(peer.stream.set_nodelay(true));
+            if let Err(e) = options {
+                debug!("{addr}: cannot set the socket's options: {e}");
+                return;
             }
             connection::run(&peer, &context, pending);
         }))
     }
 
-    fn failed(&self, error: &io::Error) {
-        let pause = self.lock().accept_failed(error);
-        if pause {
-            thread::sleep(ACCEPT_BACKOFF);
-        }
+    fn failed(&self, error: &io::Error) -> bool {
+        self.lock().accept_failed(error)
     }
 }
 
@@ -394,6 +395,11 @@ impl Acceptor {
     ) -> Option<Started> {
         let registry = Arc::clone(&self.connections);
         let mut connections = registry.lock();
+        if self.context.stopping.load(Ordering::Acquire) {
+            // Accepted as shutdown began: it would not be cut with the others.
+            debug!("closing {addr} at once: the server is stopping");
+            return None;
+        }
         connections.reap();
         let threads = thread_cap(&self.context.config);
         let full = connections.live.len() >= threads;
@@ -459,7 +465,7 @@ impl Acceptor {
         }
     }
 
-    /// Log a failed `accept()`; whether the thread should pause before it tries again.
+    /// Log a failed `accept()`; whether it failed for want of resources.
     fn accept_failed(&mut self, e: &io::Error) -> bool {
         match e.raw_os_error() {
             Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {

@@ -3,7 +3,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::thread;
 
-use broadcast_chat::ServerConfig;
+use broadcast_chat::{ServerConfig, WELCOME};
 use socket2::{Domain, Socket, Type};
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -164,7 +164,7 @@ fn thread_ids(pid: u32) -> HashSet<String> {
 }
 
 #[test]
-fn one_client_after_another_is_served_by_the_same_few_parked_threads() {
+fn one_client_after_another_is_served_by_the_same_few_waiting_threads() {
     let server = ServerProc::start(&["--history", "0"]);
     let pid = server.proc.pid();
     let before = thread_ids(pid);
@@ -186,26 +186,65 @@ fn one_client_after_another_is_served_by_the_same_few_parked_threads() {
 }
 
 #[test]
-fn parked_threads_are_bounded_reused_and_end_when_idle() {
+fn waiting_threads_are_bounded_reused_and_end_when_idle() {
     let server = ServerProc::start(&["--thread-cache", "20", "--thread-idle", "4"]);
     let pid = server.proc.pid();
     let threads = threads_of(pid);
     let clients: Vec<_> = (0..50).map(|_| join(server.addr)).collect();
     eventually("a thread per client", || threads_of(pid) == threads + 50);
     drop(clients);
-    eventually("20 parked, the others ended", || {
+    eventually("20 waiting besides the first, the others ended", || {
         threads_of(pid) == threads + 20
     });
-    let parked = thread_ids(pid);
+    let waiting = thread_ids(pid);
     let clients: Vec<_> = (0..20).map(|_| join(server.addr)).collect();
     assert_eq!(
         thread_ids(pid),
-        parked,
-        "the 20 new clients are served by the parked threads"
+        waiting,
+        "the 20 new clients are served by the waiting threads"
     );
     drop(clients);
-    // Parked for --thread-idle (4 s), then gone: an idle server gives its threads back.
-    eventually("the parked threads end", || threads_of(pid) == threads);
+    // Waiting for --thread-idle (4 s), then gone: an idle server gives its threads back.
+    eventually("the waiting threads end", || threads_of(pid) == threads);
+}
+
+#[test]
+fn a_client_quiet_for_longer_than_the_thread_idle_time_stays_connected() {
+    // Waiting threads end after --thread-idle through the listening socket's receive
+    // timeout, which accepted sockets inherit; a connection must not keep it.
+    // A request already there when the thread first reads is read without the handshake
+    // setting any timeout of its own: the server is stopped while the clients connect and
+    // send theirs, so that it finds them all waiting.
+    let server = ServerProc::start(&["--thread-idle", "1", "--history", "0"]);
+    let pid = server.proc.pid().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill").args([name, &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let mut clients: Vec<Raw> = (0..5)
+        .map(|_| {
+            let mut raw = Raw::connect(server.addr);
+            raw.handshake_request();
+            raw
+        })
+        .collect();
+    signal("-CONT");
+    for raw in &mut clients {
+        assert!(raw.read_head().starts_with("HTTP/1.1 101"));
+        assert_eq!(raw.read_frame(), (1, WELCOME.as_bytes().to_vec()));
+    }
+    // The quiet spell is what is tested, so it is slept, not waited on.
+    thread::sleep(ms(2500));
+    for i in 0..clients.len() {
+        let me = clients[i].stream.local_addr().expect("addr");
+        clients[i].masked(0x81, b"still here");
+        let echo = format!("{me}: still here").into_bytes();
+        for raw in &mut clients {
+            let to = raw.stream.local_addr().expect("addr");
+            assert_eq!(raw.read_frame(), (1, echo.clone()), "{to} heard {me}");
+        }
+    }
 }
 
 #[test]
