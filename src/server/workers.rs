@@ -6,7 +6,7 @@
 //! itself, handshake to close, then goes back to `accept()`. A connection thus costs one
 //! wake-up, the kernel's, where an acceptor thread handing it to a parked thread cost two
 //! and a context switch more: measured over 10 000 clients reconnecting at once on one
-//! core, 35–36 µs of server CPU per reconnection instead of 62–86.
+//! core, 36 µs of server CPU per reconnection instead of 81–84.
 //!
 //! There is always a thread in `accept()`: the thread that takes a connection when no other
 //! is waiting hands it to a new thread and goes on waiting. When none may be started (the
