@@ -77,11 +77,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
         }
     }
     match handshake::handshake(peer.wire(), deadline, context) {
-        Ok(Outcome::Upgraded {
-            leftover,
-            slot,
-            timeouts_set,
-        }) => {
+        Ok(Outcome::Upgraded { leftover, slot }) => {
             drop(pending);
             let session = Session {
                 peer,
@@ -89,7 +85,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
                 joined: false,
                 _slot: slot,
             };
-            session.run(leftover, timeouts_set);
+            session.run(leftover);
         }
         Ok(Outcome::Answered { status, detail }) => {
             let detail = printable(&detail);
@@ -186,17 +182,17 @@ impl Session<'_> {
     /// Never inlined into the connection thread's body, whose frame sits under the
     /// handshake's: keeping the two apart keeps an idle client's thread to two stack pages.
     #[inline(never)]
-    fn run(mut self, leftover: Vec<u8>, timeouts_set: bool) {
+    fn run(mut self, leftover: Vec<u8>) {
         let peer = self.peer;
-        // From here on, reads wait for the client as long as keepalive allows, and a
-        // backlog writer's blocked write gives up after --write-timeout without progress.
+        // From here on, reads wait for the client as long as keepalive allows (whatever
+        // timeout the socket had: the listening socket's, which it inherits, or the
+        // handshake's), and a backlog writer's blocked write gives up after --write-timeout
+        // without progress.
         let write_timeout = Some(self.context.config.write_timeout).filter(|t| !t.is_zero());
-        let timeouts = if timeouts_set {
-            peer.stream.set_read_timeout(None)
-        } else {
-            Ok(())
-        }
-        .and(peer.stream.set_write_timeout(write_timeout));
+        let timeouts = peer
+            .stream
+            .set_read_timeout(None)
+            .and(peer.stream.set_write_timeout(write_timeout));
         if let Err(e) = timeouts {
             debug!("{}: cannot set the socket timeouts: {e}", peer.addr);
             return;

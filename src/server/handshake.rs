@@ -48,14 +48,10 @@ const HANDSHAKE_FAILURE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x
 #[derive(Debug)]
 pub(crate) enum Outcome<'a> {
     /// The handshake succeeded; `leftover` holds bytes the client sent after its request,
-    /// and `slot` is the client's place in the chat. `timeouts_set` when the socket's
-    /// timeouts were set to keep the deadline (the client made us wait), so they need
-    /// clearing.
-    Upgraded {
-        leftover: Vec<u8>,
-        slot: Slot<'a>,
-        timeouts_set: bool,
-    },
+    /// and `slot` is the client's place in the chat. The socket may still have a receive
+    /// timeout (the listening socket's, a TLS handshake's or this one's), for the session
+    /// to clear.
+    Upgraded { leftover: Vec<u8>, slot: Slot<'a> },
     /// The request got an HTTP response; the connection ends.
     Answered { status: u16, detail: String },
     /// The client went away before sending a whole request.
@@ -105,17 +101,13 @@ pub(crate) fn handshake<'a>(
 ) -> io::Result<Outcome<'a>> {
     let (site, admission) = (context.site.as_ref(), &*context.admission);
     let mut buf = Vec::with_capacity(1024);
-    let deadline = &mut Deadline {
-        at: deadline,
-        // The TLS handshake, if any, has set them already.
-        timeouts_set: wire.tls.is_some(),
-    };
+    let deadline = Deadline { at: deadline };
     loop {
-        if read_more(wire, &mut buf, deadline)? == 0 {
+        if read_more(wire, &mut buf, &deadline)? == 0 {
             return Ok(Outcome::Vanished);
         }
         if wire.tls.is_none() && buf.first() == Some(&HANDSHAKE_RECORD) {
-            write_before(wire, deadline, &HANDSHAKE_FAILURE_ALERT)?;
+            write_before(wire, &deadline, &HANDSHAKE_FAILURE_ALERT)?;
             return Ok(Outcome::TlsOnPlaintext);
         }
         let response = match reply(&buf, site, &admission.origins) {
@@ -131,13 +123,9 @@ pub(crate) fn handshake<'a>(
                         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
                          Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
                     );
-                    write_before(wire, deadline, head.as_bytes())?;
+                    write_before(wire, &deadline, head.as_bytes())?;
                     let leftover = buf[len..].to_vec();
-                    return Ok(Outcome::Upgraded {
-                        leftover,
-                        slot,
-                        timeouts_set: deadline.timeouts_set,
-                    });
+                    return Ok(Outcome::Upgraded { leftover, slot });
                 }
                 None => {
                     context.metrics.refused(Refused::Full);
@@ -145,7 +133,7 @@ pub(crate) fn handshake<'a>(
                 }
             },
         };
-        write_before(wire, deadline, &response.to_bytes())?;
+        write_before(wire, &deadline, &response.to_bytes())?;
         return Ok(Outcome::Answered {
             status: response.status,
             detail: response.detail,
@@ -379,21 +367,20 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The handshake's deadline, and whether the socket's timeouts were set to keep it.
+/// The handshake's deadline. The socket's own timeouts are never relied on: they may be
+/// the listening socket's, which the accepted socket inherits (see `workers`).
 struct Deadline {
     at: Instant,
-    timeouts_set: bool,
 }
 
 /// Read what has arrived into `buf`, waiting no later than the deadline. What is there
-/// already is read without setting a timeout, which saves a system call or two on most
+/// already is read without setting a timeout, which saves a system call on most
 /// connections: a request usually arrives with its connection.
-fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: &mut Deadline) -> io::Result<usize> {
+fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: &Deadline) -> io::Result<usize> {
     let len = buf.len();
     buf.resize(MAX_HEAD.min(len + 1024), 0);
     let result = match wire.read_now(&mut buf[len..]) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => loop {
-            deadline.timeouts_set = true;
             wire.sock.set_read_timeout(Some(time_left(deadline.at)?))?;
             match wire.read(&mut buf[len..]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -408,12 +395,11 @@ fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: &mut Deadline) -> io::
 
 /// Write `bytes` before the deadline: at once if the socket takes them all, as it
 /// nearly always does with an answer this small.
-fn write_before(wire: Wire<'_>, deadline: &mut Deadline, bytes: &[u8]) -> io::Result<()> {
+fn write_before(wire: Wire<'_>, deadline: &Deadline, bytes: &[u8]) -> io::Result<()> {
     let sent = wire.write_now(bytes)?;
     if sent == bytes.len() {
         return Ok(());
     }
-    deadline.timeouts_set = true;
     wire.sock.set_write_timeout(Some(time_left(deadline.at)?))?;
     wire.write_all(&bytes[sent..]).map_err(timed_out)
 }

@@ -361,15 +361,8 @@ impl Gate for Mutex<Acceptor> {
         let (peer, pending, done, context) = self.lock().start(stream, addr, thread)?;
         Some(Box::new(move || {
             let _done = done;
-            // The socket inherits the listening socket's timeout, which ends idle threads;
-            // the handshake expects none until it sets its own.
-            let options = peer
-                .stream
-                .set_read_timeout(None)
-                .and(peer.stream.set_nodelay(true));
-            if let Err(e) = options {
-                debug!("{addr}: cannot set the socket's options: {e}");
-                return;
+            if let Err(e) = peer.stream.set_nodelay(true) {
+                debug!("{addr}: cannot set TCP_NODELAY: {e}");
             }
             connection::run(&peer, &context, pending);
         }))

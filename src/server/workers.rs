@@ -17,7 +17,7 @@
 //! at most `park_for` (the listening socket's receive timeout, which `accept()` honours,
 //! and which each accepted socket inherits: the gate must clear it); then it ends, unless
 //! it is the last one waiting, so an idle server gives its memory back. When the process
-//! runs out of file descriptors, `accept()` fails at once in every waiting thread: all but
+//! runs out of file descriptors, `accept()` fails in every thread that enters it: all but
 //! the last end, and it retries every [`ACCEPT_BACKOFF`]. A thread that ends joins those
 //! that ended before it, and each connection taken does the same, so on an idle server
 //! only the last to end waits, mapped, to be joined.
@@ -50,7 +50,7 @@ pub(crate) trait Gate: Send + Sync + 'static {
     /// Room for a new connection, and the job that serves it; `None` when it was refused
     /// (and closed). `thread` is an error when no thread may start to serve it: the
     /// connection must be closed at once. The stream has inherited the listening socket's
-    /// receive timeout, which the job must clear.
+    /// receive timeout, which the job must not rely on, and must clear before it waits.
     fn admit(&self, stream: TcpStream, addr: SocketAddr, thread: io::Result<()>) -> Option<Job>;
     /// `accept()` failed: log it, and say whether for want of resources (out of file
     /// descriptors, say), when fewer threads should wait and the last should pause.
@@ -136,7 +136,7 @@ impl Workers {
                 ended_tx,
             },
         });
-        Shared::spawn(&shared, None)?;
+        Shared::spawn(&shared, None, shared.limit)?;
         Ok(Self { shared })
     }
 
@@ -167,12 +167,12 @@ impl Workers {
 
 impl Shared {
     /// Start a thread that serves `first`, or without one, waits for a connection (and
-    /// counts as waiting from now).
-    fn spawn(shared: &Arc<Shared>, first: Option<Job>) -> io::Result<()> {
+    /// counts as waiting from now), if fewer than `limit` threads run.
+    fn spawn(shared: &Arc<Shared>, first: Option<Job>, limit: usize) -> io::Result<()> {
         // Under the lock, so that no thread is joined before its handle is kept, and none
         // starts once `stop` has taken the handles.
         let mut joinable = shared.threads.lock();
-        shared.room(&joinable)?;
+        shared.room(&joinable, limit)?;
         joinable.next += 1;
         let number = joinable.next;
         let waits = first.is_none();
@@ -203,12 +203,12 @@ impl Shared {
         }
     }
 
-    /// Whether another thread may start.
-    fn room(&self, joinable: &Joinable) -> io::Result<()> {
+    /// Whether another thread may start while fewer than `limit` run.
+    fn room(&self, joinable: &Joinable, limit: usize) -> io::Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::Error::other("the server is stopping"));
         }
-        if joinable.handles.len() >= self.limit {
+        if joinable.handles.len() >= limit {
             return Err(io::Error::other(format!(
                 "all {} connection threads are busy, some still ending connections that closed",
                 self.limit
@@ -229,8 +229,8 @@ impl Shared {
             }
         }
         while let Some((stream, addr)) = Shared::next(shared) {
-            shared.threads.reap();
             if shared.waiting.fetch_sub(1, Ordering::SeqCst) > 1 {
+                shared.threads.reap();
                 if let Some(job) = shared.gate.admit(stream, addr, Ok(())) {
                     job();
                 }
@@ -243,9 +243,10 @@ impl Shared {
             // thread, or is refused when none may start.
             shared.waiting.fetch_add(1, Ordering::SeqCst);
             let vigil = Vigil(shared);
-            let room = shared.room(&shared.threads.lock());
+            shared.threads.reap();
+            let room = shared.room(&shared.threads.lock(), shared.limit);
             if let Some(job) = shared.gate.admit(stream, addr, room)
-                && let Err(e) = Shared::spawn(shared, Some(job))
+                && let Err(e) = Shared::spawn(shared, Some(job), shared.limit)
             {
                 log::error!("cannot start a thread for {addr}: {e}; closing it");
             }
@@ -361,7 +362,8 @@ impl Drop for Vigil<'_> {
         }
         self.0.waiting.fetch_sub(1, Ordering::SeqCst);
         log::error!("a connection thread panicked while taking a connection (a bug)");
-        if let Err(e) = Shared::spawn(self.0, None) {
+        // In place of this one, which has not ended yet: so one more than the limit.
+        if let Err(e) = Shared::spawn(self.0, None, self.0.limit + 1) {
             log::error!("no thread could take its place in accept(): {e}");
         }
     }
@@ -449,6 +451,13 @@ mod tests {
             addr,
             seen,
             go,
+        }
+    }
+
+    impl Drop for Fixture {
+        /// A test that fails early leaves no thread waiting in `accept()`.
+        fn drop(&mut self) {
+            self.workers.close();
         }
     }
 
@@ -571,6 +580,21 @@ mod tests {
         assert!(matches!(seen, Seen::Served(_)), "the server still accepts");
         drop(lost);
         f.stop(1);
+    }
+
+    #[test]
+    fn at_the_limit_a_panic_taking_a_connection_still_leaves_a_thread_accepting() {
+        // A limit of one: the one thread only ever refuses, and its replacement must be
+        // allowed although the panicking thread still counts against the limit.
+        let f = start(1, 8, Duration::from_secs(3600), true);
+        let lost = TcpStream::connect(f.addr).expect("connect");
+        f.eventually("a new thread waiting", |f| {
+            f.waiting() == 1 && f.threads() == 1
+        });
+        let (_c, seen) = f.connect();
+        assert_eq!(seen, Seen::Refused, "a full server still answers");
+        drop(lost);
+        f.stop(0);
     }
 
     #[test]
