@@ -32,8 +32,7 @@ use super::inbox::{Event, Inbox};
 use super::metrics::{Closed, Metrics};
 use super::peer::PeerId;
 use super::ring::Ring;
-use crate::config::ServerConfig;
-use crate::config::later;
+use crate::config::{ServerConfig, later};
 use crate::message::{self, Frame};
 
 /// The most frames handed to one [`Outlet::send`]: well under the kernel's `IOV_MAX` of

@@ -358,14 +358,7 @@ struct Acceptor {
 
 impl Gate for Mutex<Acceptor> {
     fn admit(&self, stream: TcpStream, addr: SocketAddr, thread: io::Result<()>) -> Option<Job> {
-        let (peer, pending, done, context) = self.lock().start(stream, addr, thread)?;
-        Some(Box::new(move || {
-            let _done = done;
-            if let Err(e) = peer.stream.set_nodelay(true) {
-                debug!("{addr}: cannot set TCP_NODELAY: {e}");
-            }
-            connection::run(&peer, &context, pending);
-        }))
+        self.lock().start(stream, addr, thread)
     }
 
     fn failed(&self, error: &io::Error) -> bool {
@@ -373,19 +366,15 @@ impl Gate for Mutex<Acceptor> {
     }
 }
 
-/// A connection given room: its peer, its place among the handshakes, what tells the
-/// registry it has ended, and the server it belongs to.
-type Started = (Arc<Peer>, Pending, DoneSignal, Arc<Context>);
-
 impl Acceptor {
-    /// Give a new connection room for its handshake, or close it at once. `thread` says
-    /// whether the thread that accepted it may serve it.
+    /// Give a new connection room for its handshake and the job that serves it, or close
+    /// it at once. `thread` says whether a thread may serve it.
     fn start(
         &mut self,
         stream: TcpStream,
         addr: SocketAddr,
         thread: io::Result<()>,
-    ) -> Option<Started> {
+    ) -> Option<Job> {
         let registry = Arc::clone(&self.connections);
         let mut connections = registry.lock();
         if self.context.stopping.load(Ordering::Acquire) {
@@ -421,7 +410,14 @@ impl Acceptor {
             addr,
             done: self.done.clone(),
         };
-        Some((peer, pending, done, Arc::clone(&self.context)))
+        let context = Arc::clone(&self.context);
+        Some(Box::new(move || {
+            let _done = done;
+            if let Err(e) = peer.stream.set_nodelay(true) {
+                debug!("{addr}: cannot set TCP_NODELAY: {e}");
+            }
+            connection::run(&peer, &context, pending);
+        }))
     }
 
     /// Room for `peer`'s handshake, logging (at most once a second) a refusal or a
