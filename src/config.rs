@@ -322,6 +322,12 @@ pub struct ClientConfig {
     /// For `wss://`, accept any certificate: for testing only, since anyone in the path
     /// can then read and change the chat. Default `false`.
     pub insecure: bool,
+    /// After this long without a word from the server, ping it; after as long again with
+    /// still nothing, the connection is lost. A write that makes no progress for this long
+    /// loses it too. Without it, a connection that died silently (a NAT that forgot it, a
+    /// laptop that slept, a server that stopped reading) would hang the client for good.
+    /// Default 30 s.
+    pub keepalive: Duration,
 }
 
 impl Default for ClientConfig {
@@ -336,6 +342,7 @@ impl Default for ClientConfig {
             color: false,
             ca: None,
             insecure: false,
+            keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -356,6 +363,12 @@ impl ClientConfig {
     /// Set [`Self::close_timeout`].
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// Set [`Self::keepalive`].
+    pub fn keepalive(mut self, keepalive: Duration) -> Self {
+        self.keepalive = keepalive;
         self
     }
 

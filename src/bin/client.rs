@@ -38,6 +38,7 @@ fn main() -> ExitCode {
     let presses = AtomicUsize::new(0);
     if let Err(e) = ctrlc::set_handler(move || {
         if presses.fetch_add(1, Ordering::Relaxed) > 0 {
+            client::put_terminal_back();
             std::process::exit(130);
         }
         let _ = interrupt_tx.try_send(());

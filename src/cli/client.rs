@@ -56,6 +56,12 @@ pub struct ClientArgs {
     #[arg(long)]
     no_reconnect: bool,
 
+    /// Seconds without a word from the server before the client pings it, 1 to 3600; with
+    /// no answer for as long again, or a send stuck that long, the connection is lost
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    keepalive: u32,
+
     /// For wss://, trust the CA certificates in this PEM file instead of the public ones:
     /// for a server whose certificate comes from your own CA
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
@@ -89,6 +95,7 @@ impl ClientArgs {
             .wait(Duration::from_secs(u64::from(self.wait)))
             .confirm(!self.no_confirm)
             .reconnect(!self.no_reconnect)
+            .keepalive(Duration::from_secs(u64::from(self.keepalive)))
             .ca(self.ca.clone())
             .insecure(self.insecure)
     }

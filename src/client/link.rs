@@ -28,8 +28,8 @@ use super::console::Sink;
 use super::tls::Connector;
 use super::url::Target;
 use crate::config::{ClientConfig, later};
-use crate::error::{Error, Result, is_disconnect};
-use crate::message::printable;
+use crate::error::{Error, Result, is_disconnect, time_left};
+use crate::message::{LONGEST_TEXT, printable};
 use crate::tls::{Tls, Wire};
 
 /// An open connection and its reader thread.
@@ -37,6 +37,8 @@ pub(crate) struct Link {
     writer: Mutex<WebSocket<Shared>>,
     shared: Shared,
     sent_close: Arc<AtomicBool>,
+    /// A send made no progress for the keepalive time, and the socket was cut for it.
+    stalled: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     /// How the reader ended; it sends once.
     pub(crate) ended: Receiver<Ending>,
@@ -59,11 +61,16 @@ impl Link {
         confirm.reset(shared.stream.local_addr()?);
         let sent_close = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended) = crossbeam_channel::bounded(1);
-        let closing = Arc::clone(&sent_close);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let watch = Watch {
+            sent_close: Arc::clone(&sent_close),
+            stalled: Arc::clone(&stalled),
+            keepalive: config.keepalive,
+        };
         let reader = thread::Builder::new()
             .name("socket reader".into())
             .spawn(move || {
-                let ending = read_messages(reader_ws, &*sink, &confirm, &closing);
+                let ending = read_messages(reader_ws, &*sink, &confirm, &watch);
                 let _ = ended_tx.send(ending);
             })
             .map_err(|source| Error::Spawn {
@@ -75,6 +82,7 @@ impl Link {
             writer: Mutex::new(writer),
             shared,
             sent_close,
+            stalled,
             reader: Some(reader),
             ended,
         })
@@ -83,15 +91,28 @@ impl Link {
     /// Send one text message.
     ///
     /// # Errors
-    /// The connection failed; the reader will say how.
+    /// The connection failed, or the server took none of it for the keepalive time; the
+    /// socket is then cut, and the reader says how the connection ended.
     pub(crate) fn send(&self, text: &str) -> Result<()> {
-        self.writer.lock().send(Message::text(text))?;
-        Ok(())
+        let sent = self.writer.lock().send(Message::text(text));
+        if let Err(WsError::Io(e)) = &sent
+            && matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        {
+            self.stalled.store(true, Ordering::Release);
+            let _ = self.shared.stream.shutdown(Shutdown::Both);
+        }
+        Ok(sent?)
     }
 
-    /// Send our close (1000); the reader goes on until the server's answer.
+    /// Send our close (1000), unless a close went out already (the reader's answer to the
+    /// server's); the reader goes on until the server's answer.
     pub(crate) fn close(&self) {
-        self.sent_close.store(true, Ordering::Release);
+        if self.sent_close.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let close = CloseFrame {
             code: CloseCode::Normal,
             reason: "".into(),
@@ -132,14 +153,19 @@ impl Drop for Link {
 /// How long a closing link waits for its reader to end.
 const READER_GRACE: Duration = Duration::from_secs(1);
 
+/// Messages up to the longest a server of ours relays, not tungstenite's 64 MiB: a message
+/// is shown as one line, and escaping can make it six times longer.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(0)
+        .max_message_size(Some(LONGEST_TEXT))
+        .max_frame_size(Some(LONGEST_TEXT))
 }
 
-/// Open the TCP connection and do the handshakes (TLS if `tls`, then WebSocket), each
-/// under the connect timeout.
+/// Open the TCP connection (each address under the connect timeout) and do the handshakes
+/// (TLS if `tls`, then WebSocket), both under one more: a server that trickles its answer
+/// cannot hold the client longer. Afterwards the socket's timeouts are the keepalive's.
 fn connect(
     config: &ClientConfig,
     target: &Target,
@@ -167,9 +193,9 @@ fn connect(
     }
     let stream = connected.ok_or_else(|| connect_error(last_error))?;
     stream.set_nodelay(true)?;
+    let deadline = later(Instant::now(), config.connect_timeout);
     let tls = match tls {
         Some(connector) => {
-            let deadline = later(Instant::now(), config.connect_timeout);
             let started = connector
                 .start(&target.host, &stream, deadline)
                 .map_err(|reason| Error::Handshake {
@@ -180,34 +206,46 @@ fn connect(
         }
         None => None,
     };
-    stream.set_read_timeout(Some(config.connect_timeout))?;
-    stream.set_write_timeout(Some(config.connect_timeout))?;
     let shared = Shared {
         stream: Arc::new(stream),
         tls,
         write_lock: Arc::new(Mutex::new(())),
+        deadline: None,
     };
-    let (ws, _response) = tungstenite::client::client_with_config(
+    let handshaking = Shared {
+        deadline: Some(deadline),
+        ..shared.clone()
+    };
+    let (mut ws, _response) = tungstenite::client::client_with_config(
         target.url.as_str(),
-        shared.clone(),
+        handshaking,
         Some(ws_config()),
     )
     .map_err(|e| handshake_error(url, e))?;
-    shared.stream.set_read_timeout(None)?;
-    shared.stream.set_write_timeout(None)?;
+    ws.get_mut().deadline = None;
+    shared.stream.set_read_timeout(Some(config.keepalive))?;
+    shared.stream.set_write_timeout(Some(config.keepalive))?;
     Ok((ws, shared))
 }
 
 fn handshake_error(url: &str, error: HandshakeError<ClientHandshake<Shared>>) -> Error {
     let reason = match error {
-        HandshakeError::Interrupted(_) => "the handshake was interrupted".to_string(),
+        // The socket blocks, with a timeout: a read that would block has timed out.
+        HandshakeError::Interrupted(_) => {
+            "the server did not answer the handshake in time".to_string()
+        }
         HandshakeError::Failure(WsError::Http(response)) => {
             let status = response.status();
             let body = response.body().as_deref().unwrap_or_default();
             let detail = refusal_detail(status.as_str(), &String::from_utf8_lossy(body));
             format!("the server refused the WebSocket handshake: HTTP {status}{detail}")
         }
-        HandshakeError::Failure(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+        HandshakeError::Failure(WsError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             "the server did not answer the handshake in time".to_string()
         }
         HandshakeError::Failure(e) => format!("the WebSocket handshake failed: {e}"),
@@ -235,15 +273,46 @@ fn refusal_detail(status: &str, body: &str) -> String {
     }
 }
 
+/// What the reader shares with the link, and the keepalive it keeps.
+struct Watch {
+    sent_close: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    keepalive: Duration,
+}
+
 /// The socket thread: show every text message until a close frame or the end.
 fn read_messages(
+    ws: WebSocket<Shared>,
+    sink: &dyn Sink,
+    confirm: &Confirm,
+    watch: &Watch,
+) -> Ending {
+    match read_until_end(ws, sink, confirm, watch) {
+        Ending::Lost(_) if watch.stalled.load(Ordering::Acquire) => Ending::Lost(format!(
+            "the server took none of our data for {} s",
+            watch.keepalive.as_secs()
+        )),
+        ending => ending,
+    }
+}
+
+/// The socket's read timeout is the keepalive: after one of silence the reader pings the
+/// server (unless we closed, when the session's close timeout is the limit), after a
+/// second it gives up.
+fn read_until_end(
     mut ws: WebSocket<Shared>,
     sink: &dyn Sink,
     confirm: &Confirm,
-    sent_close: &AtomicBool,
+    watch: &Watch,
 ) -> Ending {
+    let sent_close = &*watch.sent_close;
+    let mut pinged = false;
     loop {
-        match ws.read() {
+        let read = ws.read();
+        if read.is_ok() {
+            pinged = false;
+        }
+        match read {
             Ok(Message::Text(text)) => {
                 let own = confirm.observe(&text);
                 if let Err(e) = sink.message(&text, own) {
@@ -258,7 +327,7 @@ fn read_messages(
                 sink.status(&format!("ignored a binary message of {} bytes", data.len()));
             }
             Ok(Message::Close(frame)) => {
-                if !sent_close.load(Ordering::Acquire) {
+                if !sent_close.swap(true, Ordering::AcqRel) {
                     // The server closed first: send the reply tungstenite has queued.
                     let _ = ws.flush();
                 }
@@ -268,6 +337,25 @@ fn read_messages(
                 };
             }
             Ok(_) => {}
+            Err(WsError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if pinged {
+                    return Ending::Lost(format!(
+                        "the server sent nothing for {} s, not even an answer to a ping",
+                        watch.keepalive.as_secs() * 2
+                    ));
+                }
+                if !sent_close.load(Ordering::Acquire) {
+                    if let Err(e) = ws.send(Message::Ping(Default::default())) {
+                        return Ending::Lost(format!("cannot ping the server: {e}"));
+                    }
+                    pinged = true;
+                }
+            }
             Err(WsError::Io(e)) if is_disconnect(&e) => return Ending::Lost(e.to_string()),
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
                 return Ending::Lost("the server closed the connection".to_string());
@@ -285,6 +373,9 @@ struct Shared {
     stream: Arc<TcpStream>,
     tls: Option<Arc<Tls>>,
     write_lock: Arc<Mutex<()>>,
+    /// During the handshake, when it must be over: each read and write waits only as long
+    /// as is left.
+    deadline: Option<Instant>,
 }
 
 impl Shared {
@@ -298,6 +389,9 @@ impl Shared {
 
 impl Read for Shared {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            self.stream.set_read_timeout(Some(time_left(deadline)?))?;
+        }
         self.wire().read(buf)
     }
 }
@@ -305,6 +399,9 @@ impl Read for Shared {
 impl Write for Shared {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let _guard = self.write_lock.lock();
+        if let Some(deadline) = self.deadline {
+            self.stream.set_write_timeout(Some(time_left(deadline)?))?;
+        }
         self.wire().write_all(buf)?;
         Ok(buf.len())
     }

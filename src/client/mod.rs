@@ -31,7 +31,7 @@ mod terminal;
 mod tls;
 mod url;
 
-pub use self::terminal::is_interactive;
+pub use self::terminal::{is_interactive, put_terminal_back};
 
 /// How often the session looks whether a pipe's reader has gone.
 const TICK: Duration = Duration::from_millis(200);
@@ -449,10 +449,16 @@ impl Session<'_> {
         if self.interactive || !self.input_open || ending == Ending::OutputClosed {
             return ending;
         }
+        let cut = |what: &dyn fmt::Display| {
+            Ending::Lost(format!(
+                "{what} before the input ended; the rest was not sent"
+            ))
+        };
         match lines.recv_timeout(INPUT_GRACE) {
-            Ok(Input::Line(_) | Input::Skipped) => Ending::Lost(format!(
-                "{ending} before the input ended; the rest was not sent"
-            )),
+            Ok(Input::Line(_) | Input::Skipped) => match &ending {
+                Ending::Lost(why) => cut(why),
+                _ => cut(&ending),
+            },
             Ok(Input::End | Input::Interrupted) | Err(_) => ending,
         }
     }

@@ -83,9 +83,28 @@ struct Editing {
 /// dropped: the process may end while the input thread is still inside `readline`, with
 /// the terminal in raw mode. Then the line being typed is left as it is, and what comes
 /// next starts on a line of its own.
-pub(crate) struct Restore {
+struct Restore {
     saved: Option<Termios>,
     editing: Arc<Editing>,
+}
+
+/// The terminal in use, where [`put_terminal_back`] finds it.
+static IN_USE: Mutex<Option<Restore>> = Mutex::new(None);
+
+/// Put the terminal back as it was before the client took it, if it took it: for an exit
+/// that skips the usual way out (a second Ctrl-C exits at once, from the signal handler's
+/// thread, while the editor may hold the terminal in raw mode).
+pub fn put_terminal_back() {
+    drop(IN_USE.lock().take());
+}
+
+/// Puts the terminal back when the run ends, whichever way it ends.
+pub(crate) struct Restored(());
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        put_terminal_back();
+    }
 }
 
 impl Drop for Restore {
@@ -117,12 +136,13 @@ pub(crate) struct Editor {
 ///
 /// # Errors
 /// [`Error::Io`] when the terminal cannot be set up (a `TERM=dumb` terminal, say).
-pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, Editor, Restore)> {
+pub(crate) fn open(color: bool) -> Result<(Box<dyn Sink>, Editor, Restored)> {
     let editing = Arc::new(Editing::default());
-    let restore = Restore {
+    *IN_USE.lock() = Some(Restore {
         saved: termios::tcgetattr(io::stdin()).ok(),
         editing: Arc::clone(&editing),
-    };
+    });
+    let restore = Restored(());
     let config = Config::builder()
         .max_history_size(HISTORY)
         .map_err(terminal_error)?

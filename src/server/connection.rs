@@ -84,7 +84,9 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
                 joined: false,
                 _slot: slot,
             };
+            // The session shuts the socket down itself as it ends.
             session.run(leftover);
+            return;
         }
         Ok(Outcome::Answered { status, detail }) => {
             let detail = printable(&detail);

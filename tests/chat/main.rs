@@ -21,6 +21,8 @@ mod lifecycle;
 mod server_cli;
 // The client binary, driven through its stdin.
 mod client_cli;
+// The client against servers that misbehave, down to the bytes.
+mod client_hostile;
 // A WebSocket server that behaves unlike ours, for the client's tests.
 mod fake;
 // The interactive client in a real terminal (tmux).

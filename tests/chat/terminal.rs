@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use broadcast_chat::{Server, ServerConfig, WELCOME};
 
+use crate::fake::{Behaviour, Fake, Seen};
 use crate::support::*;
 
 const TMUX: &str = "/usr/bin/tmux";
@@ -105,6 +106,19 @@ impl Pane {
     fn type_text(&self, text: &str) {
         let typed = self.run(&["send-keys", "-t", "chat", "-l", text]);
         assert!(typed.status.success(), "{typed:?}");
+    }
+
+    /// The process the pane's shell runs in the foreground.
+    fn foreground_child(&self) -> u32 {
+        let shown = self.run(&["display-message", "-p", "-t", "chat", "#{pane_pid}"]);
+        let shell = String::from_utf8_lossy(&shown.stdout).trim().to_string();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+            .expect("the shell's children");
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .expect("the shell runs a command")
     }
 
     fn enter(&self) {
@@ -232,5 +246,53 @@ fn ctrl_c_leaves_the_draft_and_the_goodbye_starts_a_line_of_its_own() {
         screen[at + 1],
         "connection closed (1000)",
         "on a line of its own: {screen:?}"
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once_and_leaves_the_terminal_as_it_was() {
+    let Some(tmux) = tmux() else { return };
+    // A server that never answers the close: the first signal leaves the client waiting.
+    let fake = Fake::start(Behaviour {
+        echo: true,
+        echo_delay: ms(0),
+        answer_close: false,
+        history: &[],
+        close_first: false,
+    });
+    let script = format!(
+        "{} {}; echo \"exit status $?\"; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon \
+         -e icanon -e -echo -e echo; sleep 30",
+        env!("CARGO_BIN_EXE_client"),
+        fake.url()
+    );
+    let pane = Pane::start(tmux, &["sh", "-c", &script]);
+    pane.wait_for("the prompt", |s| last_is(s, ">"));
+    let client = pane.foreground_child();
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &client.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("TERM");
+    assert_eq!(
+        fake.seen.recv_timeout(WAIT).expect("the close"),
+        Seen::Close(Some(1000))
+    );
+    // The editor still holds the terminal in raw mode while the client waits.
+    signal("TERM");
+    let screen = pane.wait_for("the settings after the exit", |s| {
+        s.iter().any(|l| l == "exit status 130") && s.iter().any(|l| l.ends_with("echo"))
+    });
+    let at = screen
+        .iter()
+        .position(|l| l == "exit status 130")
+        .expect("the exit");
+    assert_eq!(
+        screen[at + 1..],
+        ["icanon", "echo"],
+        "back in cooked mode, as before the client: {screen:?}"
     );
 }

@@ -46,10 +46,9 @@ use crate::server::peer::PeerOutlet;
 /// seconds of a busy room.
 const WRITER_QUEUE: usize = 4096;
 
-/// The longest entry text delivered: the largest `--max-message-size` and the longest
-/// sender tag (a scoped IPv6 address). It does not depend on this node's own limit, so
-/// that nodes configured differently still deliver the same sequence.
-const MAX_ENTRY: usize = 16 * 1024 * 1024 + 128;
+/// The longest entry text delivered. It does not depend on this node's own limit, so that
+/// nodes configured differently still deliver the same sequence.
+const MAX_ENTRY: usize = message::LONGEST_TEXT;
 
 /// Entries sent in one pipeline, at most.
 const WRITE_BATCH: usize = 256;
