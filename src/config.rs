@@ -45,6 +45,12 @@ pub struct ServerConfig {
     /// file descriptor, so the default leaves room under `vm.max_map_count` (65530) and a
     /// 20000 open-file limit.
     pub max_clients: usize,
+    /// How many backlog writer threads may run at once: a client whose socket is full gets
+    /// one while its backlog lasts. Default 1500. Past it, such a client is cut instead:
+    /// clients that stop reading could otherwise double the threads (each about four
+    /// memory mappings against `vm.max_map_count`, which a thread per client already
+    /// nears), and a failed mapping can abort the whole server.
+    pub max_writers: usize,
     /// How many connections may be in their handshake at once, apart from the clients.
     /// Default 1024. When all are taken, the one that has waited longest is cut to make
     /// room if it has waited over a second; otherwise the new connection is closed at once.
@@ -161,6 +167,7 @@ impl Default for ServerConfig {
             ping_interval: Some(Duration::from_secs(30)),
             handshake_timeout: Duration::from_secs(10),
             max_clients: 12_000,
+            max_writers: 1_500,
             max_pending: 1024,
             max_pending_per_ip: 128,
             thread_cache: None,
@@ -211,6 +218,12 @@ impl ServerConfig {
     /// Set [`Self::handshake_timeout`].
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Set [`Self::max_writers`].
+    pub fn max_writers(mut self, writers: usize) -> Self {
+        self.max_writers = writers;
         self
     }
 

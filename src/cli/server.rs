@@ -75,6 +75,12 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_clients: u32,
 
+    /// Backlog writer threads at once, for clients whose socket is full, 1 to 1000000; past
+    /// that, such a client is cut
+    #[arg(long, value_name = "N", default_value_t = 1500,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_writers: u32,
+
     /// Connections allowed in their handshake at once, 1 to 100000; when all are taken,
     /// the one waiting longest (over a second) is cut to make room
     #[arg(long, value_name = "N", default_value_t = 1024,
@@ -208,6 +214,7 @@ impl ServerArgs {
             .handshake_timeout(secs(self.handshake_timeout))
             .write_timeout(secs(self.write_timeout))
             .max_clients(self.max_clients as usize)
+            .max_writers(self.max_writers as usize)
             .max_pending(self.max_pending as usize)
             .max_pending_per_ip(self.max_pending_per_ip as usize)
             .thread_cache(self.thread_cache.map(|n| n as usize))

@@ -23,7 +23,7 @@ use super::flood::Bucket;
 use super::handshake::{self, Outcome};
 use super::inbox::{Event, Events};
 use super::metrics::{Closed, Metrics, Refused};
-use super::peer::{Peer, PeerOutlet};
+use super::peer::{Peer, PeerOutlet, Writers};
 use super::tls::{Refusal, ServerTls};
 use super::web::Site;
 use crate::config::{ServerConfig, later};
@@ -51,6 +51,8 @@ pub(crate) struct Context {
     /// Where the clients' messages go.
     pub(crate) backplane: Backplane,
     pub(crate) metrics: Arc<Metrics>,
+    /// The backlog writer threads running, against `--max-writers`.
+    pub(crate) writers: Arc<Writers>,
     /// Set when shutdown begins: `/healthz` says so.
     pub(crate) stopping: AtomicBool,
     /// The certificate, when the port speaks TLS.
@@ -199,7 +201,11 @@ impl Session<'_> {
             return;
         }
         peer.heard();
-        let outlet = PeerOutlet::new(Arc::clone(peer), self.context.config.queue);
+        let outlet = PeerOutlet::new(
+            Arc::clone(peer),
+            self.context.config.queue,
+            Arc::clone(&self.context.writers),
+        );
         if self.context.events.send(Event::Join(outlet)).is_err() {
             return;
         }
@@ -269,7 +275,9 @@ impl Session<'_> {
                 };
             }
             self.peer.heard();
-            let counts = matches!(message, Message::Text(_) | Message::Ping(_));
+            // Every message a client can send costs a token, pongs too: unasked-for pongs
+            // cost the server as much to read as anything else.
+            let counts = !matches!(message, Message::Close(_));
             if counts && !self.hold_back(&mut flood) {
                 return End::Dropped {
                     why: "cut by the server".to_string(),

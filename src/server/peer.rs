@@ -13,7 +13,10 @@
 //!
 //! The writer's blocking writes carry the socket's send timeout (`--write-timeout`): a
 //! client whose output makes no progress for that long is cut, so a client that never reads
-//! cannot keep a writer thread forever, even if it keeps pinging.
+//! cannot keep a writer thread forever, even if it keeps pinging. And there are at most
+//! `--max-writers` writer threads at once ([`Writers`]): a client whose socket is full when
+//! none is left is cut at once, so that clients that stop reading cannot double the
+//! server's threads.
 //!
 //! Over TLS the frames are encrypted first, under the same lock and into one run of
 //! records, which then takes the path above as one frame: the order in which records are
@@ -27,7 +30,7 @@ use std::borrow::Cow;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -37,6 +40,7 @@ use log::{debug, error, warn};
 use parking_lot::{Condvar, Mutex};
 use socket2::SockRef;
 
+use super::Throttle;
 use super::dispatcher::{MAX_BATCH, Outlet, Sent};
 use super::metrics::{Closed, Metrics};
 use crate::config::{MAX_QUEUE, later};
@@ -65,6 +69,9 @@ pub(crate) struct Peer {
     last_heard_ms: AtomicU64,
     /// The server is done with this connection: its thread stops reading.
     cut: AtomicBool,
+    /// The close is queued behind a full backlog: the writer drops what is left of the
+    /// backlog and sends the close next, so that a slow client reads its 1008 in time.
+    hurry: AtomicBool,
     write: Mutex<Writing>,
     changed: Condvar,
 }
@@ -135,6 +142,7 @@ impl Peer {
             born: Instant::now(),
             last_heard_ms: AtomicU64::new(0),
             cut: AtomicBool::new(false),
+            hurry: AtomicBool::new(false),
             write: Mutex::new(Writing {
                 state: WriteState::Direct,
                 writer: None,
@@ -297,6 +305,45 @@ fn join_writer(writer: JoinHandle<()>, addr: SocketAddr) {
     }
 }
 
+/// The backlog writer threads running, against their limit (`--max-writers`).
+#[derive(Debug)]
+pub(crate) struct Writers {
+    running: AtomicUsize,
+    limit: usize,
+    /// For the warning when none is left, at most once a second.
+    refused: Mutex<Throttle>,
+}
+
+impl Writers {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Writers {
+            running: AtomicUsize::new(0),
+            limit,
+            refused: Mutex::new(Throttle::default()),
+        })
+    }
+
+    /// A place for one more writer, held until the writer ends, if one is left.
+    fn enlist(self: &Arc<Self>) -> Option<Enlisted> {
+        let limit = self.limit;
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Enlisted(Arc::clone(self)))
+    }
+}
+
+/// A writer's place among [`Writers`], given back when the writer thread ends, however.
+struct Enlisted(Arc<Writers>);
+
+impl Drop for Enlisted {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The dispatcher's handle for writing to one client: the shared [`Peer`] plus the sending
 /// end of its backlog channel, which exists only while a writer thread drains it.
 #[derive(Debug)]
@@ -314,17 +361,22 @@ struct Backlog {
     /// housekeeping pass over the many clients that never had one without taking their
     /// locks.
     started_writer: bool,
+    writers: Arc<Writers>,
+    /// The backlog overflowed: the client is being closed as too slow.
+    overflowed: bool,
 }
 
 impl PeerOutlet {
-    /// `capacity` bounds the backlog, in frames.
-    pub(crate) fn new(peer: Arc<Peer>, capacity: usize) -> Self {
+    /// `capacity` bounds the backlog, in frames; its writer thread counts among `writers`.
+    pub(crate) fn new(peer: Arc<Peer>, capacity: usize, writers: Arc<Writers>) -> Self {
         Self {
             peer,
             backlog: Backlog {
                 tx: None,
                 capacity: capacity.clamp(1, MAX_QUEUE),
                 started_writer: false,
+                writers,
+                overflowed: false,
             },
         }
     }
@@ -350,6 +402,7 @@ impl Outlet for PeerOutlet {
         // Checked before sealing: over TLS, records sealed and then not sent would leave a
         // gap the client cannot decrypt past, and it would never read its 1008.
         if draining && !self.backlog.has_room(frames.len()) {
+            self.backlog.overflowed = true;
             return Sent::Overflow;
         }
         let frames = match peer.sealed(frames, !draining) {
@@ -383,7 +436,10 @@ impl Outlet for PeerOutlet {
     }
 
     fn close(&mut self, frame: Frame) {
-        self.queue_close(frame);
+        // After an overflow, the close goes before the backlog. Not over TLS: records
+        // sealed and then dropped would leave a gap the client cannot read past.
+        let hurry = self.peer.tls.get().is_none() && self.backlog.overflowed;
+        self.queue_close(frame, hurry);
         // The channel has served its purpose once the close is queued: dropping its sender
         // lets the writer end as soon as the queue is empty.
         self.backlog.tx = None;
@@ -421,8 +477,9 @@ impl Outlet for PeerOutlet {
 }
 
 impl PeerOutlet {
-    /// Send `frame` as the last thing the client gets: now, or after its backlog.
-    fn queue_close(&mut self, frame: Frame) {
+    /// Send `frame` as the last thing the client gets: now, or after its backlog (or with
+    /// `hurry`, after the frames its writer is writing already).
+    fn queue_close(&mut self, frame: Frame, hurry: bool) {
         let peer = &self.peer;
         let mut write = peer.write.lock();
         if !write.state.takes_data() {
@@ -448,7 +505,10 @@ impl PeerOutlet {
                     peer.fail(&mut write);
                 }
             },
-            _ => write.state = WriteState::CloseQueued(frame),
+            _ => {
+                write.state = WriteState::CloseQueued(frame);
+                peer.hurry.store(hurry, Ordering::Release);
+            }
         }
     }
 }
@@ -462,14 +522,17 @@ impl Backlog {
             .is_none_or(|tx| tx.len().saturating_add(n) <= self.capacity)
     }
 
-    fn enqueue(&self, frames: impl Iterator<Item = Frame>) -> Sent {
+    fn enqueue(&mut self, frames: impl Iterator<Item = Frame>) -> Sent {
         let Some(tx) = &self.tx else {
             return Sent::Gone;
         };
         for frame in frames {
             match tx.try_send(frame) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => return Sent::Overflow,
+                Err(TrySendError::Full(_)) => {
+                    self.overflowed = true;
+                    return Sent::Overflow;
+                }
                 Err(TrySendError::Disconnected(_)) => return Sent::Gone,
             }
         }
@@ -489,6 +552,20 @@ impl Backlog {
             // ended, or is about to, and this join under the lock returns at once.
             join_writer(previous, peer.addr);
         }
+        let Some(enlisted) = self.writers.enlist() else {
+            // Part of a frame may be out already, so nothing else can follow, not even a
+            // close: the client is cut, as a slow one.
+            peer.metrics.closed(Closed::Slow);
+            if let Some(note) = self.writers.refused.lock().ready() {
+                warn!(
+                    "cutting {}: it is not reading, and all {} backlog writer threads are \
+                     busy with other such clients (--max-writers){note}",
+                    peer.addr, self.writers.limit
+                );
+            }
+            peer.fail(write);
+            return Sent::Gone;
+        };
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
         self.tx = Some(tx);
         let sent = self.enqueue(frames);
@@ -496,7 +573,10 @@ impl Backlog {
         let spawned = thread::Builder::new()
             .name(format!("writer {}", peer.id))
             .stack_size(WRITER_STACK)
-            .spawn(move || drain_backlog(&writer_peer, &rx));
+            .spawn(move || {
+                let _enlisted = enlisted;
+                drain_backlog(&writer_peer, &rx);
+            });
         match spawned {
             Ok(handle) => {
                 if !matches!(write.state, WriteState::CloseQueued(_)) {
@@ -565,6 +645,11 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
             return;
         }
         batch.clear();
+        // Not before the first batch is out: it starts with the rest of a frame already
+        // partly sent. Every frame after it is whole and not started.
+        if peer.hurry.load(Ordering::Acquire) {
+            rx.try_iter().for_each(drop);
+        }
     }
 }
 
@@ -609,7 +694,87 @@ fn slices(frames: &[Frame]) -> ([IoSlice<'_>; MAX_BATCH], usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message;
+    use std::io::Read;
+    use std::net::TcpListener;
     use tungstenite::Bytes;
+    use tungstenite::protocol::frame::coding::CloseCode;
+
+    /// A client that does not read yet, and the server's side of it as a [`Peer`], both with
+    /// small socket buffers so that a few frames fill them.
+    fn stalled_pair() -> (TcpStream, Arc<Peer>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        client.set_recv_buffer_size(4096).expect("receive buffer");
+        client.connect(&addr.into()).expect("connect");
+        let (server, from) = listener.accept().expect("accept");
+        SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .expect("send buffer");
+        let peer = Peer::new(1, server, from, Arc::new(Metrics::new()));
+        (client.into(), Arc::new(peer))
+    }
+
+    /// The opcodes of the frames `stream` receives, up to and with the first close.
+    fn opcodes_until_close(mut stream: TcpStream) -> Vec<u8> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let (mut bytes, mut opcodes, mut at) = (Vec::new(), Vec::new(), 0);
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = stream.read(&mut chunk).expect("the close before the end");
+            assert!(n > 0, "the connection ended before the close");
+            bytes.extend_from_slice(&chunk[..n]);
+            // Server frames here are under 64 KiB: a 2- or 4-byte header.
+            while let Some(&[first, second]) = bytes.get(at..at + 2) {
+                let (len, header) = match second {
+                    126 => match bytes.get(at + 2..at + 4) {
+                        Some(&[hi, lo]) => (usize::from(u16::from_be_bytes([hi, lo])), 4),
+                        _ => break,
+                    },
+                    len => (usize::from(len), 2),
+                };
+                if bytes.len() < at + header + len {
+                    break;
+                }
+                opcodes.push(first & 0x0f);
+                if first & 0x0f == 8 {
+                    return opcodes;
+                }
+                at += header + len;
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_consumers_close_goes_out_before_the_rest_of_its_backlog() {
+        const CAPACITY: usize = 1000;
+        let (client, peer) = stalled_pair();
+        let mut outlet = PeerOutlet::new(Arc::clone(&peer), CAPACITY, Writers::new(1));
+        let frame = message::text("10.0.0.1:1: ", &"x".repeat(1000));
+        let mut sent = 0;
+        loop {
+            match outlet.send(std::slice::from_ref(&frame)) {
+                Sent::Done => sent += 1,
+                Sent::Overflow => break,
+                Sent::Gone => panic!("the client is there"),
+            }
+            assert!(sent < 10 * CAPACITY, "the backlog never filled");
+        }
+        assert!(sent >= CAPACITY, "the backlog holds {CAPACITY} frames");
+        outlet.close(message::close(CloseCode::Policy, "too slow"));
+        let opcodes = opcodes_until_close(client);
+        let texts = opcodes.iter().filter(|&&op| op == 1).count();
+        // What the kernel held and the batch being written went out; the rest did not.
+        assert!(
+            texts < sent - CAPACITY + 2 * MAX_BATCH,
+            "{texts} of {sent} frames went out before the close"
+        );
+        peer.finish();
+    }
 
     #[test]
     fn leftover_finds_the_frame_a_write_stopped_in() {

@@ -264,6 +264,17 @@ fn a_flooder_is_slowed_not_dropped_loses_nothing_and_others_are_not_held_up() {
 }
 
 #[test]
+fn unasked_for_pongs_are_held_to_the_rate_like_messages() {
+    let server = ServerProc::start(&[]);
+    let mut raw = Raw::connect(server.addr);
+    raw.handshake();
+    // More pongs than the default burst (50) allows at once, each masked as a client must.
+    let pongs = [0x8a, 0x80, 1, 2, 3, 4].repeat(200);
+    raw.write(&pongs);
+    server.expect_log("reading it more slowly (--rate)");
+}
+
+#[test]
 fn time_spent_held_back_by_flood_control_is_not_silence() {
     // Each message past the first waits a second, more than two keepalive intervals; the
     // client must not be taken for silent meanwhile.
@@ -323,6 +334,84 @@ fn a_client_that_never_reads_but_keeps_pinging_is_cut_and_its_thread_and_descrip
     eventually("its descriptor to be closed", || fds_of(pid) == fds + 1);
     send(&mut sender, "after");
     assert_eq!(recv_text(&mut sender), format!("{tag}: after"));
+}
+
+#[test]
+fn clients_that_stop_reading_get_no_more_writer_threads_than_max_writers() {
+    const MESSAGES: usize = 200;
+    let server = ServerProc::start(&[
+        "--max-writers",
+        "1",
+        "--queue",
+        "65536",
+        "--rate",
+        "0",
+        "--history",
+        "0",
+    ]);
+    let pid = server.proc.pid();
+    let (mut sender, tag) = join(server.addr);
+    let mut stalled: Vec<Raw> = (0..3).map(|_| stalled_client(server.addr)).collect();
+    let threads = threads_of(pid);
+    let expected = flood(&mut sender, &tag, MESSAGES, 32 * 1024);
+    server.expect_log("backlog writer threads are busy with other such clients");
+    assert!(threads_of(pid) <= threads + 1, "one writer at most");
+    // The client that got the writer gets everything once it reads; the others were cut.
+    let got: Vec<usize> = stalled
+        .iter_mut()
+        .map(|raw| texts_until_end(raw, &expected))
+        .collect();
+    assert_eq!(
+        got.iter().filter(|&&n| n == MESSAGES).count(),
+        1,
+        "one served in full, two cut: {got:?}"
+    );
+}
+
+/// How many of `expected` arrive, in order, before `raw`'s connection ends (or all do).
+fn texts_until_end(raw: &mut Raw, expected: &[String]) -> usize {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let mut texts = 0;
+    let mut at = 0;
+    while texts < expected.len() {
+        match raw.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+        // Whole frames only; each text must be the next one expected.
+        while let Some((opcode, payload, next)) = frame_at(&bytes, at) {
+            if opcode == 1 {
+                assert_eq!(payload, expected[texts].as_bytes(), "no gap, no reordering");
+                texts += 1;
+            }
+            at = next;
+        }
+    }
+    texts
+}
+
+/// The server frame starting at `at` in `bytes`, if it is all there, and where the next one
+/// starts.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
+    let head = bytes.get(at..at + 2)?;
+    let (len, start) = match head[1] & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes(
+                bytes.get(at + 2..at + 4)?.try_into().ok()?,
+            )),
+            at + 4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(
+                bytes.get(at + 2..at + 10)?.try_into().ok()?,
+            ))
+            .ok()?,
+            at + 10,
+        ),
+        n => (usize::from(n), at + 2),
+    };
+    Some((head[0] & 0x0f, bytes.get(start..start + len)?, start + len))
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::support::*;
 #[test]
 fn a_client_that_does_not_read_is_closed_with_1008_while_the_others_get_everything() {
     const MESSAGES: usize = 600;
-    // The stalled client's close waits behind the flood: give it time to be read.
+    // Reading what waits in the stalled client's socket takes a while: give it time.
     let server = unthrottled(ServerConfig::default().queue(8).close_timeout(WAIT * 3));
     let addr = server.local_addr();
     let mut stalled = stalled_client(addr);
