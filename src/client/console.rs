@@ -6,7 +6,7 @@
 //! script can read one and a person the other.
 
 use std::hash::{Hash, Hasher};
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsFd;
 use std::thread;
 
@@ -15,7 +15,7 @@ use log::info;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::message::printable;
+use crate::message::{LONGEST_TEXT, printable};
 
 /// What the input thread tells the session.
 #[derive(Debug)]
@@ -121,9 +121,28 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        match input.read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
+        // At most one message's worth and its newline: input without newlines (`yes |
+        // tr -d '\n'`) must not grow without end.
+        let longest = LONGEST_TEXT as u64 + 2;
+        let read = (&mut input)
+            .take(longest)
+            .read_until(b'\n', &mut line)
+            .and_then(|n| match line.len() as u64 {
+                len if len == longest && !line.ends_with(b"\n") => skip_line(&mut input),
+                _ => Ok(Some(n)),
+            });
+        match read {
+            Ok(Some(0)) => break,
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let _ = writeln!(
+                    io::stderr(),
+                    "client: skipped a line longer than {LONGEST_TEXT} bytes, more than any \
+                     server of ours takes"
+                );
+                let _ = lines.send(Input::Skipped);
+                continue;
+            }
             Err(e) => {
                 let _ = writeln!(io::stderr(), "client: cannot read the input: {e}");
                 let _ = lines.send(Input::Skipped);
@@ -146,6 +165,27 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
         }
     }
     let _ = lines.send(Input::End);
+}
+
+/// Read and drop the rest of a line that is too long, through its newline; `None` to say
+/// it was skipped.
+fn skip_line(input: &mut impl BufRead) -> io::Result<Option<usize>> {
+    loop {
+        let buffer = input.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(None);
+        }
+        match buffer.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                input.consume(end + 1);
+                return Ok(None);
+            }
+            None => {
+                let all = buffer.len();
+                input.consume(all);
+            }
+        }
+    }
 }
 
 /// Whether the reader of `output` has gone away (`client URL | head -1` after `head`

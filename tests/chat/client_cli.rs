@@ -392,3 +392,31 @@ fn an_identical_line_in_the_history_is_not_taken_for_ours() {
     let output = run_client_with(&fake.url(), &["--wait", "1"], "deploy finished\n");
     assert_eq!(output.status.code(), Some(4), "never broadcast: {output:?}");
 }
+
+#[test]
+fn input_without_newlines_is_skipped_past_the_longest_message_not_collected() {
+    let server = default_server();
+    let url = format!("ws://{}", server.local_addr());
+    let mut command = client(&url);
+    let output = fed(&mut command, |stdin| {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..17 {
+            if stdin.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = stdin.write_all(b"\nok\n");
+    });
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "one line skipped: {output:?}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("skipped a line longer than"), "{stderr}");
+    let lines = stdout_lines(&output);
+    assert!(
+        lines.last().is_some_and(|l| l.ends_with(": ok")),
+        "the next line went: {lines:?}"
+    );
+}
