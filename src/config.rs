@@ -336,10 +336,11 @@ pub struct ClientConfig {
     /// can then read and change the chat. Default `false`.
     pub insecure: bool,
     /// After this long without a word from the server, ping it; after as long again with
-    /// still nothing, the connection is lost. A write that makes no progress for this long
-    /// loses it too. Without it, a connection that died silently (a NAT that forgot it, a
-    /// laptop that slept, a server that stopped reading) would hang the client for good.
-    /// Default 30 s.
+    /// still nothing, the connection is lost. A send that makes no progress for this long
+    /// while the server says nothing loses it too. Without it, a connection that died
+    /// silently (a NAT that forgot it, a laptop that slept) would hang the client for
+    /// good. Default 45 s, longer than our server's 30 s between pings, so that against it
+    /// the client never needs to ping; zero turns the keepalive off.
     pub keepalive: Duration,
 }
 
@@ -355,7 +356,7 @@ impl Default for ClientConfig {
             color: false,
             ca: None,
             insecure: false,
-            keepalive: Duration::from_secs(30),
+            keepalive: Duration::from_secs(45),
         }
     }
 }

@@ -15,11 +15,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 /// The first text every client receives after the handshake.
 pub const WELCOME: &str = "Welcome to chat! Type a message";
 
-/// The longest tagged text a server of ours relays: the largest `--max-message-size`
-/// (16 MiB) and the longest sender tag (a scoped IPv6 address). Whoever reads what servers
-/// relay (a fleet node reading the stream, the client) takes nothing longer, however its
-/// own limits are set.
-pub(crate) const LONGEST_TEXT: usize = 16 * 1024 * 1024 + 128;
+/// The largest `--max-message-size`: no server of ours takes a longer message.
+pub(crate) const LONGEST_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The longest tagged text a server of ours relays: the longest message and the longest
+/// sender tag (a scoped IPv6 address). Whoever reads what servers relay (a fleet node
+/// reading the stream, the client) takes nothing longer, however its own limits are set.
+pub(crate) const LONGEST_TEXT: usize = LONGEST_MESSAGE + 128;
 
 /// An encoded server frame, ready to be written to any client. Cloning it is cheap.
 pub(crate) type Frame = Bytes;

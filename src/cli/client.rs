@@ -57,8 +57,9 @@ pub struct ClientArgs {
     no_reconnect: bool,
 
     /// Seconds without a word from the server before the client pings it, 1 to 3600; with
-    /// no answer for as long again, or a send stuck that long, the connection is lost
-    #[arg(long, value_name = "SECS", default_value_t = 30,
+    /// no answer for as long again, or a send stuck that long with no word, the connection
+    /// is lost
+    #[arg(long, value_name = "SECS", default_value_t = 45,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     keepalive: u32,
 

@@ -15,7 +15,7 @@ use log::info;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::message::{LONGEST_TEXT, printable};
+use crate::message::{LONGEST_MESSAGE, printable};
 
 /// What the input thread tells the session.
 #[derive(Debug)]
@@ -119,11 +119,11 @@ pub(crate) fn spawn_input(body: impl FnOnce() + Send + 'static) -> Result<()> {
 
 fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
     let mut line = Vec::new();
+    // At most the longest message and its line end: input without newlines (`yes | tr -d
+    // '\n'`) must not grow without end.
+    let longest = LONGEST_MESSAGE as u64 + 2;
     loop {
         line.clear();
-        // At most one message's worth and its newline: input without newlines (`yes |
-        // tr -d '\n'`) must not grow without end.
-        let longest = LONGEST_TEXT as u64 + 2;
         let read = (&mut input)
             .take(longest)
             .read_until(b'\n', &mut line)
@@ -137,7 +137,7 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
             Ok(None) => {
                 let _ = writeln!(
                     io::stderr(),
-                    "client: skipped a line longer than {LONGEST_TEXT} bytes, more than any \
+                    "client: skipped a line longer than {LONGEST_MESSAGE} bytes, more than any \
                      server of ours takes"
                 );
                 let _ = lines.send(Input::Skipped);

@@ -2,19 +2,28 @@
 //! and sending.
 //!
 //! The reader and the session's sends share one socket (one file descriptor); a lock
-//! around each whole frame keeps the session's messages and the reader's automatic replies
-//! (pongs, the answer to a close) from interleaving. Over TLS, the frame is encrypted
-//! under that lock too, so records go out in the order they were sealed.
+//! around each whole frame keeps the session's messages and the reader's own frames
+//! (pongs, keepalive pings, the answer to a close) from interleaving. Over TLS, the frame
+//! is encrypted under that lock too, so records go out in the order they were sealed.
+//!
+//! The keepalive (see [`ClientConfig::keepalive`]) watches both directions: the reader
+//! pings a server silent that long and gives up after as long again, cutting the socket
+//! so that a send blocked meanwhile wakes up; a send that makes no progress that long
+//! waits on while the server is heard from (ours reads a client over its `--rate` slowly,
+//! which is no fault) and gives up once the server has been silent that long too.
 
-use std::io::{self, Read, Write};
+use std::hash::{BuildHasher, RandomState};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::debug;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use parking_lot::Mutex;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::handshake::client::ClientHandshake;
@@ -36,9 +45,6 @@ use crate::tls::{Tls, Wire};
 pub(crate) struct Link {
     writer: Mutex<WebSocket<Shared>>,
     shared: Shared,
-    sent_close: Arc<AtomicBool>,
-    /// A send made no progress for the keepalive time, and the socket was cut for it.
-    stalled: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     /// How the reader ended; it sends once.
     pub(crate) ended: Receiver<Ending>,
@@ -59,18 +65,11 @@ impl Link {
     ) -> Result<Link> {
         let (reader_ws, shared) = connect(config, target, tls)?;
         confirm.reset(shared.stream.local_addr()?);
-        let sent_close = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended) = crossbeam_channel::bounded(1);
-        let stalled = Arc::new(AtomicBool::new(false));
-        let watch = Watch {
-            sent_close: Arc::clone(&sent_close),
-            stalled: Arc::clone(&stalled),
-            keepalive: config.keepalive,
-        };
         let reader = thread::Builder::new()
             .name("socket reader".into())
             .spawn(move || {
-                let ending = read_messages(reader_ws, &*sink, &confirm, &watch);
+                let ending = read_messages(reader_ws, &*sink, &confirm);
                 let _ = ended_tx.send(ending);
             })
             .map_err(|source| Error::Spawn {
@@ -81,8 +80,6 @@ impl Link {
         Ok(Link {
             writer: Mutex::new(writer),
             shared,
-            sent_close,
-            stalled,
             reader: Some(reader),
             ended,
         })
@@ -91,26 +88,17 @@ impl Link {
     /// Send one text message.
     ///
     /// # Errors
-    /// The connection failed, or the server took none of it for the keepalive time; the
-    /// socket is then cut, and the reader says how the connection ended.
+    /// The connection failed, or stalled (see the module's notes); the reader says how the
+    /// connection ended.
     pub(crate) fn send(&self, text: &str) -> Result<()> {
-        let sent = self.writer.lock().send(Message::text(text));
-        if let Err(WsError::Io(e)) = &sent
-            && matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            )
-        {
-            self.stalled.store(true, Ordering::Release);
-            let _ = self.shared.stream.shutdown(Shutdown::Both);
-        }
-        Ok(sent?)
+        self.writer.lock().send(Message::text(text))?;
+        Ok(())
     }
 
     /// Send our close (1000), unless a close went out already (the reader's answer to the
     /// server's); the reader goes on until the server's answer.
     pub(crate) fn close(&self) {
-        if self.sent_close.swap(true, Ordering::AcqRel) {
+        if self.shared.live.sent_close.swap(true, Ordering::AcqRel) {
             return;
         }
         let close = CloseFrame {
@@ -206,14 +194,25 @@ fn connect(
         }
         None => None,
     };
+    let keepalive = Some(config.keepalive).filter(|k| !k.is_zero());
     let shared = Shared {
         stream: Arc::new(stream),
         tls,
         write_lock: Arc::new(Mutex::new(())),
         deadline: None,
+        polite: false,
+        live: Arc::new(Liveness {
+            born: Instant::now(),
+            heard_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+            sent_close: AtomicBool::new(false),
+            keepalive,
+        }),
     };
+    // The WebSocket made on this one becomes the reader's, polite.
     let handshaking = Shared {
         deadline: Some(deadline),
+        polite: true,
         ..shared.clone()
     };
     let (mut ws, _response) = tungstenite::client::client_with_config(
@@ -223,8 +222,8 @@ fn connect(
     )
     .map_err(|e| handshake_error(url, e))?;
     ws.get_mut().deadline = None;
-    shared.stream.set_read_timeout(Some(config.keepalive))?;
-    shared.stream.set_write_timeout(Some(config.keepalive))?;
+    shared.stream.set_read_timeout(keepalive)?;
+    shared.stream.set_write_timeout(keepalive)?;
     Ok((ws, shared))
 }
 
@@ -273,24 +272,13 @@ fn refusal_detail(status: &str, body: &str) -> String {
     }
 }
 
-/// What the reader shares with the link, and the keepalive it keeps.
-struct Watch {
-    sent_close: Arc<AtomicBool>,
-    stalled: Arc<AtomicBool>,
-    keepalive: Duration,
-}
-
 /// The socket thread: show every text message until a close frame or the end.
-fn read_messages(
-    ws: WebSocket<Shared>,
-    sink: &dyn Sink,
-    confirm: &Confirm,
-    watch: &Watch,
-) -> Ending {
-    match read_until_end(ws, sink, confirm, watch) {
-        Ending::Lost(_) if watch.stalled.load(Ordering::Acquire) => Ending::Lost(format!(
-            "the server took none of our data for {} s",
-            watch.keepalive.as_secs()
+fn read_messages(ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm) -> Ending {
+    let live = Arc::clone(&ws.get_ref().live);
+    match read_until_end(ws, sink, confirm) {
+        Ending::Lost(_) if live.stalled.load(Ordering::Acquire) => Ending::Lost(format!(
+            "the server took none of our data, and said nothing, for {} s",
+            live.keepalive.unwrap_or_default().as_secs()
         )),
         ending => ending,
     }
@@ -298,14 +286,9 @@ fn read_messages(
 
 /// The socket's read timeout is the keepalive: after one of silence the reader pings the
 /// server (unless we closed, when the session's close timeout is the limit), after a
-/// second it gives up.
-fn read_until_end(
-    mut ws: WebSocket<Shared>,
-    sink: &dyn Sink,
-    confirm: &Confirm,
-    watch: &Watch,
-) -> Ending {
-    let sent_close = &*watch.sent_close;
+/// second it gives up, and cuts the socket so that a send stuck meanwhile ends too.
+fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm) -> Ending {
+    let live = Arc::clone(&ws.get_ref().live);
     let mut pinged = false;
     loop {
         let read = ws.read();
@@ -327,8 +310,10 @@ fn read_until_end(
                 sink.status(&format!("ignored a binary message of {} bytes", data.len()));
             }
             Ok(Message::Close(frame)) => {
-                if !sent_close.swap(true, Ordering::AcqRel) {
-                    // The server closed first: send the reply tungstenite has queued.
+                if !live.sent_close.swap(true, Ordering::AcqRel) {
+                    // The server closed first: send the reply tungstenite has queued, even
+                    // if that means waiting for the lock.
+                    ws.get_mut().polite = false;
                     let _ = ws.flush();
                 }
                 return Ending::Closed {
@@ -344,17 +329,16 @@ fn read_until_end(
                 ) =>
             {
                 if pinged {
+                    let _ = ws.get_ref().stream.shutdown(Shutdown::Both);
                     return Ending::Lost(format!(
                         "the server sent nothing for {} s, not even an answer to a ping",
-                        watch.keepalive.as_secs() * 2
+                        live.keepalive.unwrap_or_default().as_secs() * 2
                     ));
                 }
-                if !sent_close.load(Ordering::Acquire) {
-                    if let Err(e) = ws.send(Message::Ping(Default::default())) {
-                        return Ending::Lost(format!("cannot ping the server: {e}"));
-                    }
-                    pinged = true;
+                if let Err(e) = ws.get_ref().ping_unless_closed() {
+                    return Ending::Lost(format!("cannot ping the server: {e}"));
                 }
+                pinged = true;
             }
             Err(WsError::Io(e)) if is_disconnect(&e) => return Ending::Lost(e.to_string()),
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
@@ -376,6 +360,37 @@ struct Shared {
     /// During the handshake, when it must be over: each read and write waits only as long
     /// as is left.
     deadline: Option<Instant>,
+    live: Arc<Liveness>,
+    /// The reader's: its writes (pongs) do not wait for the lock while a send holds it,
+    /// but say `WouldBlock`, which tungstenite takes as "try again after the next read",
+    /// so that the reader goes on reading while a send waits for a slow server.
+    polite: bool,
+}
+
+/// What the keepalive goes by, shared by the reader and the sends.
+#[derive(Debug)]
+struct Liveness {
+    born: Instant,
+    /// When data last came from the server, in milliseconds after `born`.
+    heard_ms: AtomicU64,
+    /// A send gave up (see the module's notes), and the socket was cut for it.
+    stalled: AtomicBool,
+    /// A close has gone out, ours or our answer to the server's: nothing may follow it.
+    sent_close: AtomicBool,
+    /// `None`: no keepalive, no timeouts.
+    keepalive: Option<Duration>,
+}
+
+impl Liveness {
+    fn heard(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heard_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let heard = Duration::from_millis(self.heard_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(heard)
+    }
 }
 
 impl Shared {
@@ -385,6 +400,65 @@ impl Shared {
             tls: self.tls.as_deref(),
         }
     }
+
+    /// A keepalive ping (empty, masked as a client's frames must be), unless a close went
+    /// out already: checked under the write lock, so that no ping can follow our close.
+    /// Not while a send holds the lock: that send waits for the server itself.
+    fn ping_unless_closed(&self) -> io::Result<()> {
+        let Some(_guard) = self.write_lock.try_lock() else {
+            return Ok(());
+        };
+        if self.live.sent_close.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mask = RandomState::new().hash_one(Instant::now()).to_le_bytes();
+        self.send_patiently(&[0x89, 0x80, mask[0], mask[1], mask[2], mask[3]])
+    }
+
+    /// Send all of `bytes` (sealed first, over TLS), under the write lock. A send that
+    /// makes no progress for the keepalive time waits on while the server is heard from
+    /// (data came within that time, or waits unread), and gives up once it has been
+    /// silent as long: the socket is then cut, so that the reader ends too, and the link
+    /// counts as stalled.
+    fn send_patiently(&self, bytes: &[u8]) -> io::Result<()> {
+        let sealed;
+        let mut rest = match &self.tls {
+            Some(tls) => {
+                sealed = tls.seal(&mut [IoSlice::new(bytes)])?;
+                &sealed[..]
+            }
+            None => bytes,
+        };
+        while !rest.is_empty() {
+            match (&*self.stream).write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let patience = self.live.keepalive.unwrap_or(Duration::MAX);
+                    if self.live.silent_for() < patience || has_unread(&self.stream) {
+                        continue;
+                    }
+                    self.live.stalled.store(true, Ordering::Release);
+                    let _ = self.stream.shutdown(Shutdown::Both);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `stream` has data (or its end) waiting to be read.
+fn has_unread(stream: &TcpStream) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(ready) if ready > 0)
 }
 
 impl Read for Shared {
@@ -392,17 +466,31 @@ impl Read for Shared {
         if let Some(deadline) = self.deadline {
             self.stream.set_read_timeout(Some(time_left(deadline)?))?;
         }
-        self.wire().read(buf)
+        let read = self.wire().read(buf)?;
+        if read > 0 {
+            self.live.heard();
+        }
+        Ok(read)
     }
 }
 
 impl Write for Shared {
+    /// tungstenite writes whole frames; each goes out whole under the write lock.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _guard = self.write_lock.lock();
+        let _guard = match self.polite {
+            true => self
+                .write_lock
+                .try_lock()
+                .ok_or(io::ErrorKind::WouldBlock)?,
+            false => self.write_lock.lock(),
+        };
         if let Some(deadline) = self.deadline {
+            // The handshake: a timeout ends it, so there is nothing to resume.
             self.stream.set_write_timeout(Some(time_left(deadline)?))?;
+            self.wire().write_all(buf)?;
+        } else {
+            self.send_patiently(buf)?;
         }
-        self.wire().write_all(buf)?;
         Ok(buf.len())
     }
 

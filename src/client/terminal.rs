@@ -95,7 +95,10 @@ static IN_USE: Mutex<Option<Restore>> = Mutex::new(None);
 /// that skips the usual way out (a second Ctrl-C exits at once, from the signal handler's
 /// thread, while the editor may hold the terminal in raw mode).
 pub fn put_terminal_back() {
-    drop(IN_USE.lock().take());
+    // Whoever holds the lock is putting it back already.
+    if let Some(mut in_use) = IN_USE.try_lock() {
+        drop(in_use.take());
+    }
 }
 
 /// Puts the terminal back when the run ends, whichever way it ends.
@@ -111,11 +114,10 @@ impl Drop for Restore {
     fn drop(&mut self) {
         self.editing.over.store(true, Ordering::Release);
         if self.editing.reading.load(Ordering::Acquire) {
-            // A new line, and bracketed paste off again, as the editor would on its way out.
-            let mut stdout = io::stdout();
-            let _ = stdout
-                .write_all(b"\r\n\x1b[?2004l")
-                .and_then(|()| stdout.flush());
+            // A new line, and bracketed paste off again, as the editor would on its way out;
+            // straight to the descriptor, not through the stdout lock another thread may
+            // hold while it waits on the terminal.
+            let _ = nix::unistd::write(io::stdout(), b"\r\n\x1b[?2004l");
         }
         if let Some(saved) = &self.saved
             && let Err(e) = termios::tcsetattr(io::stdin(), SetArg::TCSANOW, saved)

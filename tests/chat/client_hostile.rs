@@ -117,19 +117,12 @@ fn a_server_that_falls_silent_is_pinged_then_given_up_on() {
 }
 
 #[test]
-fn a_server_that_stops_reading_cannot_hang_a_sending_client() {
+fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
     let (done, hold) = crossbeam_channel::bounded::<()>(0);
-    let (url, server) = one_client(true, move |mut stream| {
-        // Talk, so that the client's keepalive has no reason to give up, but never read a
-        // byte, until the test is over.
-        let deadline = Instant::now() + WAIT * 2;
-        while matches!(hold.recv_timeout(ms(200)), Err(RecvTimeoutError::Timeout))
-            && Instant::now() < deadline
-        {
-            if stream.write_all(&[0x81, 0x02, b'h', b'i']).is_err() {
-                return;
-            }
-        }
+    let (url, server) = one_client(true, move |stream| {
+        // Hold the connection without a word or a byte read until the test is over.
+        let _ = hold.recv_timeout(WAIT * 2);
+        drop(stream);
     });
     let mut command = client(&url);
     command.args(["--keepalive", "1", "--no-confirm"]);
@@ -143,11 +136,52 @@ fn a_server_that_stops_reading_cannot_hang_a_sending_client() {
     drop(done);
     server.join().expect("server");
     assert_eq!(output.status.code(), Some(3), "{output:?}");
+    // Found by the reader's keepalive, which cuts the socket under the stuck send, or by
+    // the send itself when it stalls with nothing heard.
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("the server took none of our data for 1 s"),
+        stderr.contains("not even an answer to a ping")
+            || stderr.contains("took none of our data, and said nothing"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_server_that_reads_slowly_but_talks_is_waited_for() {
+    let (done, hold) = crossbeam_channel::bounded::<()>(0);
+    let (url, server) = one_client(true, move |mut stream| {
+        // As ours does with a client over its --rate: read it slowly, and go on talking.
+        stream.set_read_timeout(Some(ms(100))).expect("timeout");
+        let mut sip = [0u8; 512];
+        let deadline = Instant::now() + WAIT * 2;
+        while matches!(hold.recv_timeout(ms(100)), Err(RecvTimeoutError::Timeout))
+            && Instant::now() < deadline
+        {
+            if stream.write_all(&[0x81, 0x02, b'h', b'i']).is_err() {
+                return;
+            }
+            let _ = stream.read(&mut sip);
+        }
+    });
+    let mut proc = Proc::spawn(client(&url).args(["--keepalive", "1", "--no-confirm"]));
+    let mut stdin = proc.child.stdin.take().expect("stdin");
+    let feeding = thread::spawn(move || {
+        let line = "x".repeat(1000);
+        while writeln!(stdin, "{line}").is_ok() {}
+    });
+    // Four keepalive times, with sends stuck most of it: still connected.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let exited = proc.child.try_wait().expect("try_wait");
+        assert!(exited.is_none(), "the client gave up: {exited:?}");
+        thread::sleep(ms(50));
+    }
+    drop(done);
+    let output = proc.output();
+    feeding.join().expect("feeding");
+    server.join().expect("server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("took none of our data"), "{stderr}");
 }
 
 #[test]
