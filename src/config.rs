@@ -46,10 +46,11 @@ pub struct ServerConfig {
     /// 20000 open-file limit.
     pub max_clients: usize,
     /// How many backlog writer threads may run at once: a client whose socket is full gets
-    /// one while its backlog lasts. Default 1500. Past it, such a client is cut instead:
-    /// clients that stop reading could otherwise double the threads (each about four
-    /// memory mappings against `vm.max_map_count`, which a thread per client already
-    /// nears), and a failed mapping can abort the whole server.
+    /// one while its backlog lasts. Default 1500. Past it, such a client's backlog waits
+    /// for one to be free, and the client is cut if that takes `write_timeout`: clients
+    /// that stop reading could otherwise double the threads (each about four memory
+    /// mappings against `vm.max_map_count`, which a thread per client already nears), and
+    /// a failed mapping can abort the whole server.
     pub max_writers: usize,
     /// How many connections may be in their handshake at once, apart from the clients.
     /// Default 1024. When all are taken, the one that has waited longest is cut to make

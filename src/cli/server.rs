@@ -76,7 +76,7 @@ pub struct ServerArgs {
     max_clients: u32,
 
     /// Backlog writer threads at once, for clients whose socket is full, 1 to 1000000; past
-    /// that, such a client is cut
+    /// that, such a client waits for one, at most --write-timeout
     #[arg(long, value_name = "N", default_value_t = 1500,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_writers: u32,

@@ -14,9 +14,10 @@
 //! The writer's blocking writes carry the socket's send timeout (`--write-timeout`): a
 //! client whose output makes no progress for that long is cut, so a client that never reads
 //! cannot keep a writer thread forever, even if it keeps pinging. And there are at most
-//! `--max-writers` writer threads at once ([`Writers`]): a client whose socket is full when
-//! none is left is cut at once, so that clients that stop reading cannot double the
-//! server's threads.
+//! `--max-writers` writer threads at once ([`Writers`]), so that clients that stop reading
+//! cannot double the server's threads: a backlog that begins when none is free waits,
+//! parked, until the dispatcher's housekeeping finds one free, and its client is cut if
+//! that takes `--write-timeout`.
 //!
 //! Over TLS the frames are encrypted first, under the same lock and into one run of
 //! records, which then takes the path above as one frame: the order in which records are
@@ -364,6 +365,15 @@ struct Backlog {
     writers: Arc<Writers>,
     /// The backlog overflowed: the client is being closed as too slow.
     overflowed: bool,
+    /// The backlog, while it waits for a writer thread to be free.
+    parked: Option<Parked>,
+}
+
+/// A backlog without a writer thread yet: every writer was busy when it began.
+#[derive(Debug)]
+struct Parked {
+    rx: Receiver<Frame>,
+    since: Instant,
 }
 
 impl PeerOutlet {
@@ -377,6 +387,7 @@ impl PeerOutlet {
                 started_writer: false,
                 writers,
                 overflowed: false,
+                parked: None,
             },
         }
     }
@@ -455,6 +466,10 @@ impl Outlet for PeerOutlet {
 
     fn reap(&mut self) {
         if !self.backlog.started_writer {
+            return;
+        }
+        if self.backlog.parked.is_some() {
+            self.backlog.unpark(&self.peer);
             return;
         }
         let finished = {
@@ -539,7 +554,8 @@ impl Backlog {
         Sent::Done
     }
 
-    /// Hand `frames` to a new writer thread, which owns the socket until they are written.
+    /// Hand `frames` to a new writer thread, which owns the socket until they are written;
+    /// when every writer is busy, park them until one is free (see [`Self::unpark`]).
     fn start(
         &mut self,
         peer: &Arc<Peer>,
@@ -552,23 +568,43 @@ impl Backlog {
             // ended, or is about to, and this join under the lock returns at once.
             join_writer(previous, peer.addr);
         }
-        let Some(enlisted) = self.writers.enlist() else {
-            // Part of a frame may be out already, so nothing else can follow, not even a
-            // close: the client is cut, as a slow one.
-            peer.metrics.closed(Closed::Slow);
-            if let Some(note) = self.writers.refused.lock().ready() {
-                warn!(
-                    "cutting {}: it is not reading, and all {} backlog writer threads are \
-                     busy with other such clients (--max-writers){note}",
-                    peer.addr, self.writers.limit
-                );
-            }
-            peer.fail(write);
-            return Sent::Gone;
-        };
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
         self.tx = Some(tx);
         let sent = self.enqueue(frames);
+        if !matches!(write.state, WriteState::CloseQueued(_)) {
+            write.state = WriteState::Draining;
+        }
+        self.started_writer = true;
+        let Some(enlisted) = self.writers.enlist() else {
+            if let Some(note) = self.writers.refused.lock().ready() {
+                warn!(
+                    "{} is behind, and all {} backlog writer threads are busy with clients \
+                     that read slowly or not at all (--max-writers): it waits for one, for \
+                     up to --write-timeout{note}",
+                    peer.addr, self.writers.limit
+                );
+            }
+            self.parked = Some(Parked {
+                rx,
+                since: Instant::now(),
+            });
+            return sent;
+        };
+        if self.spawn(peer, write, rx, enlisted) {
+            sent
+        } else {
+            Sent::Gone
+        }
+    }
+
+    /// Start the writer thread that drains `rx`; on failure the client is dropped.
+    fn spawn(
+        &mut self,
+        peer: &Arc<Peer>,
+        write: &mut Writing,
+        rx: Receiver<Frame>,
+        enlisted: Enlisted,
+    ) -> bool {
         let writer_peer = Arc::clone(peer);
         let spawned = thread::Builder::new()
             .name(format!("writer {}", peer.id))
@@ -579,12 +615,8 @@ impl Backlog {
             });
         match spawned {
             Ok(handle) => {
-                if !matches!(write.state, WriteState::CloseQueued(_)) {
-                    write.state = WriteState::Draining;
-                }
                 write.writer = Some(handle);
-                self.started_writer = true;
-                sent
+                true
             }
             Err(e) => {
                 error!(
@@ -593,9 +625,43 @@ impl Backlog {
                 );
                 self.tx = None;
                 peer.fail(write);
-                Sent::Gone
+                false
             }
         }
+    }
+
+    /// A parked backlog, at housekeeping: hand it to a writer if one is free now; cut the
+    /// client once it has waited `--write-timeout` for one, as a client whose writes made
+    /// no progress that long.
+    fn unpark(&mut self, peer: &Arc<Peer>) {
+        let Some(parked) = self.parked.take() else {
+            return;
+        };
+        let mut write = peer.write.lock();
+        if !write.state.has_writer() {
+            // The connection ended meanwhile: nothing is to be written.
+            self.started_writer = false;
+            return;
+        }
+        if let Some(enlisted) = self.writers.enlist() {
+            self.spawn(peer, &mut write, parked.rx, enlisted);
+            return;
+        }
+        let timeout = peer.stream.write_timeout().ok().flatten();
+        if timeout.is_some_and(|timeout| parked.since.elapsed() >= timeout) {
+            // A client already being closed (as a slow consumer, say) was counted then.
+            if write.state.takes_data() {
+                peer.metrics.closed(Closed::Stalled);
+            }
+            warn!(
+                "cutting {}: no backlog writer thread came free for it within \
+                 --write-timeout (--max-writers {})",
+                peer.addr, self.writers.limit
+            );
+            peer.fail(&mut write);
+            return;
+        }
+        self.parked = Some(parked);
     }
 }
 
@@ -747,6 +813,54 @@ mod tests {
                 at += header + len;
             }
         }
+    }
+
+    /// Send `frame` to `outlet` until its backlog has begun; bounded.
+    fn until_backlog(outlet: &mut PeerOutlet, frame: &Frame) {
+        for _ in 0..10_000 {
+            assert_eq!(outlet.send(std::slice::from_ref(frame)), Sent::Done);
+            if outlet.backlog.started_writer {
+                return;
+            }
+        }
+        panic!("the socket never filled");
+    }
+
+    #[test]
+    fn with_no_writer_free_a_backlog_waits_for_one_and_gets_it() {
+        let (_client, peer) = stalled_pair();
+        let writers = Writers::new(1);
+        let busy = writers.enlist().expect("the one place");
+        let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Arc::clone(&writers));
+        until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
+        assert!(outlet.backlog.parked.is_some(), "parked, no thread");
+        outlet.reap();
+        assert!(outlet.backlog.parked.is_some(), "still waiting");
+        drop(busy);
+        outlet.reap();
+        assert!(outlet.backlog.parked.is_none());
+        assert!(peer.write.lock().writer.is_some(), "a writer took it");
+        assert!(writers.enlist().is_none(), "and holds the one place");
+        peer.finish();
+    }
+
+    #[test]
+    fn a_backlog_that_waits_for_a_writer_past_the_write_timeout_is_cut() {
+        let (_client, peer) = stalled_pair();
+        let timeout = Duration::from_millis(50);
+        peer.stream
+            .set_write_timeout(Some(timeout))
+            .expect("timeout");
+        let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Writers::new(0));
+        let parked_at = Instant::now();
+        until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
+        while !peer.is_cut() {
+            assert!(parked_at.elapsed() < Duration::from_secs(10), "never cut");
+            outlet.reap();
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(parked_at.elapsed() >= timeout, "not before its time");
+        assert!(outlet.backlog.parked.is_none());
     }
 
     #[test]

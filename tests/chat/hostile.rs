@@ -3,6 +3,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -337,7 +338,7 @@ fn a_client_that_never_reads_but_keeps_pinging_is_cut_and_its_thread_and_descrip
 }
 
 #[test]
-fn clients_that_stop_reading_get_no_more_writer_threads_than_max_writers() {
+fn backlog_writer_threads_never_outnumber_max_writers_and_the_others_wait_their_turn() {
     const MESSAGES: usize = 200;
     let server = ServerProc::start(&[
         "--max-writers",
@@ -352,20 +353,51 @@ fn clients_that_stop_reading_get_no_more_writer_threads_than_max_writers() {
     let pid = server.proc.pid();
     let (mut sender, tag) = join(server.addr);
     let mut stalled: Vec<Raw> = (0..3).map(|_| stalled_client(server.addr)).collect();
-    let threads = threads_of(pid);
-    let expected = flood(&mut sender, &tag, MESSAGES, 32 * 1024);
-    server.expect_log("backlog writer threads are busy with other such clients");
-    assert!(threads_of(pid) <= threads + 1, "one writer at most");
-    // The client that got the writer gets everything once it reads; the others were cut.
-    let got: Vec<usize> = stalled
-        .iter_mut()
-        .map(|raw| texts_until_end(raw, &expected))
-        .collect();
+    let most = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        s.spawn(|| {
+            // Bounded, so that a failing test below cannot leave it running.
+            let deadline = Instant::now() + WAIT * 3;
+            while !done.load(Ordering::Acquire) && Instant::now() < deadline {
+                most.fetch_max(writer_threads(pid), Ordering::Relaxed);
+                thread::sleep(ms(2));
+            }
+        });
+        let expected = flood(&mut sender, &tag, MESSAGES, 32 * 1024);
+        server.expect_log("backlog writer threads are busy");
+        // Read all three at once: each gets everything, in order, as the one writer
+        // passes from one to the next.
+        thread::scope(|r| {
+            let readers: Vec<_> = stalled
+                .iter_mut()
+                .map(|raw| r.spawn(|| texts_until_end(raw, &expected)))
+                .collect();
+            for reader in readers {
+                assert_eq!(reader.join().expect("reader"), MESSAGES, "served in full");
+            }
+        });
+        done.store(true, Ordering::Release);
+    });
     assert_eq!(
-        got.iter().filter(|&&n| n == MESSAGES).count(),
+        most.into_inner(),
         1,
-        "one served in full, two cut: {got:?}"
+        "one writer at a time, and one did run"
     );
+}
+
+/// The backlog writer threads of process `pid` (they are named `writer N`).
+fn writer_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with("writer "))
+        })
+        .count()
 }
 
 /// How many of `expected` arrive, in order, before `raw`'s connection ends (or all do).
