@@ -86,7 +86,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
                 joined: false,
                 _slot: slot,
             };
-            // The session shuts the socket down itself as it ends.
+            // The session shuts the socket down itself as it ends, whichever way.
             session.run(leftover);
             return;
         }
@@ -198,6 +198,7 @@ impl Session<'_> {
             .and(peer.stream.set_write_timeout(write_timeout));
         if let Err(e) = timeouts {
             debug!("{}: cannot set the socket timeouts: {e}", peer.addr);
+            peer.abort();
             return;
         }
         peer.heard();
@@ -207,6 +208,7 @@ impl Session<'_> {
             Arc::clone(&self.context.writers),
         );
         if self.context.events.send(Event::Join(outlet)).is_err() {
+            peer.abort();
             return;
         }
         self.joined = true;
