@@ -52,6 +52,12 @@ pub struct ServerConfig {
     /// mappings against `vm.max_map_count`, which a thread per client already nears), and
     /// a failed mapping can abort the whole server.
     pub max_writers: usize,
+    /// How many bytes of sealed TLS records all clients' backlogs may hold together.
+    /// Default 512 MiB. Over TLS each client's backlog is its own encrypted copy of what it
+    /// lacks (plaintext ones share the frames), so without it a few thousand TLS clients
+    /// that stop reading could hold gigabytes. Past it, a TLS client that falls behind is
+    /// closed with 1008, as one past `queue` is.
+    pub max_tls_backlog: usize,
     /// How many connections may be in their handshake at once, apart from the clients.
     /// Default 1024. When all are taken, the one that has waited longest is cut to make
     /// room if it has waited over a second; otherwise the new connection is closed at once.
@@ -169,6 +175,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_clients: 12_000,
             max_writers: 1_500,
+            max_tls_backlog: 512 * 1024 * 1024,
             max_pending: 1024,
             max_pending_per_ip: 128,
             thread_cache: None,
@@ -225,6 +232,12 @@ impl ServerConfig {
     /// Set [`Self::max_writers`].
     pub fn max_writers(mut self, writers: usize) -> Self {
         self.max_writers = writers;
+        self
+    }
+
+    /// Set [`Self::max_tls_backlog`].
+    pub fn max_tls_backlog(mut self, bytes: usize) -> Self {
+        self.max_tls_backlog = bytes;
         self
     }
 

@@ -81,6 +81,12 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_writers: u32,
 
+    /// MiB of encrypted backlog that all TLS clients behind may hold together, 1 to
+    /// 1048576; past it, a TLS client that falls behind is closed with 1008
+    #[arg(long, value_name = "MIB", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_tls_backlog: u32,
+
     /// Connections allowed in their handshake at once, 1 to 100000; when all are taken,
     /// the one waiting longest (over a second) is cut to make room
     #[arg(long, value_name = "N", default_value_t = 1024,
@@ -215,6 +221,7 @@ impl ServerArgs {
             .write_timeout(secs(self.write_timeout))
             .max_clients(self.max_clients as usize)
             .max_writers(self.max_writers as usize)
+            .max_tls_backlog(self.max_tls_backlog as usize * 1024 * 1024)
             .max_pending(self.max_pending as usize)
             .max_pending_per_ip(self.max_pending_per_ip as usize)
             .thread_cache(self.thread_cache.map(|n| n as usize))

@@ -23,7 +23,7 @@ use super::flood::Bucket;
 use super::handshake::{self, Outcome};
 use super::inbox::{Event, Events};
 use super::metrics::{Closed, Metrics, Refused};
-use super::peer::{Peer, PeerOutlet, Writers};
+use super::peer::{Backlogs, Peer, PeerOutlet};
 use super::tls::{Refusal, ServerTls};
 use super::web::Site;
 use crate::config::{ServerConfig, later};
@@ -51,8 +51,8 @@ pub(crate) struct Context {
     /// Where the clients' messages go.
     pub(crate) backplane: Backplane,
     pub(crate) metrics: Arc<Metrics>,
-    /// The backlog writer threads running, against `--max-writers`.
-    pub(crate) writers: Arc<Writers>,
+    /// What the clients' backlogs take, against `--max-writers` and `--max-tls-backlog`.
+    pub(crate) backlogs: Arc<Backlogs>,
     /// Set when shutdown begins: `/healthz` says so.
     pub(crate) stopping: AtomicBool,
     /// The certificate, when the port speaks TLS.
@@ -205,7 +205,7 @@ impl Session<'_> {
         let outlet = PeerOutlet::new(
             Arc::clone(peer),
             self.context.config.queue,
-            Arc::clone(&self.context.writers),
+            Arc::clone(&self.context.backlogs),
         );
         if self.context.events.send(Event::Join(outlet)).is_err() {
             peer.abort();

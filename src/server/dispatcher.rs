@@ -64,6 +64,9 @@ pub(crate) enum Sent {
     Done,
     /// The backlog is full: the client cannot keep up and must be closed.
     Overflow,
+    /// The server's memory for slow TLS clients' backlogs is spent: this one, behind too,
+    /// must be closed.
+    OverBudget,
     /// The client is closing or gone; nothing was sent.
     Gone,
 }
@@ -329,9 +332,9 @@ impl<O: Outlet> Dispatcher<O> {
             }
             client.next = match sent {
                 Sent::Done => client.next + frames.len() as u64,
-                Sent::Overflow | Sent::Gone => head,
+                Sent::Overflow | Sent::OverBudget | Sent::Gone => head,
             };
-            if sent == Sent::Overflow {
+            if matches!(sent, Sent::Overflow | Sent::OverBudget) {
                 self.settle(i, sent);
                 return;
             }
@@ -340,17 +343,26 @@ impl<O: Outlet> Dispatcher<O> {
 
     /// Close client `i` if its backlog overflowed.
     fn settle(&mut self, i: usize, sent: Sent) {
-        if sent != Sent::Overflow {
-            return;
-        }
         let queue = self.queue;
+        let (why, reason) = match sent {
+            Sent::Overflow => (
+                format!("fell {queue} messages behind"),
+                format!("too slow: fell {queue} messages behind"),
+            ),
+            Sent::OverBudget => (
+                "is behind, and the memory for slow TLS clients' backlogs is spent \
+                 (--max-tls-backlog)"
+                    .to_string(),
+                "too slow: fell behind".to_string(),
+            ),
+            Sent::Done | Sent::Gone => return,
+        };
         self.metrics.closed(Closed::Slow);
         let client = &mut self.clients[i];
         warn!(
-            "closing {}: it is not reading and fell {queue} messages behind",
+            "closing {}: it is not reading and {why}",
             client.outlet.addr()
         );
-        let reason = format!("too slow: fell {queue} messages behind");
         client
             .outlet
             .close(message::close(CloseCode::Policy, &reason));

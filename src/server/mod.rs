@@ -32,7 +32,7 @@ use self::connection::Context;
 use self::dispatcher::Dispatcher;
 use self::inbox::Event;
 use self::metrics::{Metrics, Refused};
-use self::peer::{Peer, PeerId, PeerOutlet, Writers};
+use self::peer::{Backlogs, Peer, PeerId, PeerOutlet};
 use self::tls::ServerTls;
 use self::web::Site;
 use self::workers::{Gate, Job, Workers};
@@ -143,7 +143,7 @@ impl Server {
             }
         };
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let writers = Writers::new(config.max_writers);
+        let backlogs = Backlogs::new(config.max_writers, config.max_tls_backlog);
         let context = Arc::new(Context {
             admission: Arc::new(Admission::new(&config)),
             site: Site::new(&config),
@@ -151,7 +151,7 @@ impl Server {
             events,
             backplane,
             metrics,
-            writers,
+            backlogs,
             stopping: AtomicBool::new(false),
             tls,
         });

@@ -14,14 +14,17 @@
 //! The writer's blocking writes carry the socket's send timeout (`--write-timeout`): a
 //! client whose output makes no progress for that long is cut, so a client that never reads
 //! cannot keep a writer thread forever, even if it keeps pinging. And there are at most
-//! `--max-writers` writer threads at once ([`Writers`]), so that clients that stop reading
+//! `--max-writers` writer threads at once ([`Backlogs`]), so that clients that stop reading
 //! cannot double the server's threads: a backlog that begins when none is free waits,
 //! parked, until the dispatcher's housekeeping finds one free, and its client is cut if
 //! that takes `--write-timeout`.
 //!
 //! Over TLS the frames are encrypted first, under the same lock and into one run of
 //! records, which then takes the path above as one frame: the order in which records are
-//! sealed is the order in which they are sent, as TLS requires.
+//! sealed is the order in which they are sent, as TLS requires. Sealed records are each
+//! client's own copies, so in backlogs they count against a server-wide budget
+//! (`--max-tls-backlog`, [`Backlogs`]); a client whose backlog would pass it is closed as
+//! too slow, checked before sealing, so that it can still read its close.
 //!
 //! One [`WriteState`] under a `parking_lot` mutex settles who may write. The dispatcher
 //! holds it during its non-blocking write; the writer thread only takes it to hand the
@@ -282,8 +285,8 @@ impl Peer {
     /// Write `frames` completely, blocking while the client makes progress. Fails with
     /// `TimedOut` once a write has made none for the socket's send timeout. Only a writer
     /// thread calls this, without the lock held.
-    fn write_all(&self, frames: &[Frame]) -> io::Result<()> {
-        let mut storage: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+    fn write_all<'f>(&self, frames: impl Iterator<Item = &'f Frame>) -> io::Result<()> {
+        let mut storage: Vec<IoSlice<'_>> = frames.map(|f| IoSlice::new(f)).collect();
         let mut iov = &mut storage[..];
         while !iov.is_empty() {
             match SockRef::from(&self.stream).send_vectored_with_flags(iov, libc::MSG_NOSIGNAL) {
@@ -306,21 +309,46 @@ fn join_writer(writer: JoinHandle<()>, addr: SocketAddr) {
     }
 }
 
-/// The backlog writer threads running, against their limit (`--max-writers`).
+/// What all clients' backlogs may take together: writer threads (`--max-writers`) and,
+/// over TLS, memory. A plaintext backlog holds the frames every client shares; a TLS one
+/// holds this client's own sealed copies, so a few thousand TLS clients that stop reading
+/// would otherwise hold a copy of the whole queue each.
 #[derive(Debug)]
-pub(crate) struct Writers {
+pub(crate) struct Backlogs {
     running: AtomicUsize,
     limit: usize,
-    /// For the warning when none is left, at most once a second.
+    /// Bytes of sealed records in TLS backlogs, against `sealed_limit`.
+    sealed: AtomicUsize,
+    sealed_limit: usize,
+    /// For the warning when no writer is left, at most once a second.
     refused: Mutex<Throttle>,
 }
 
-impl Writers {
-    pub(crate) fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Writers {
+impl Backlogs {
+    /// At most `writers` writer threads and `sealed` bytes of sealed records.
+    pub(crate) fn new(writers: usize, sealed: usize) -> Arc<Self> {
+        Arc::new(Backlogs {
             running: AtomicUsize::new(0),
-            limit,
+            limit: writers,
+            sealed: AtomicUsize::new(0),
+            sealed_limit: sealed,
             refused: Mutex::new(Throttle::default()),
+        })
+    }
+
+    /// Room for `bytes` more of sealed records, if there is; `force` takes it even past
+    /// the limit (for records sealed already, which must be sent).
+    fn charge(self: &Arc<Self>, bytes: usize, force: bool) -> Option<Charge> {
+        let limit = self.sealed_limit;
+        let taken = self
+            .sealed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                let after = n.saturating_add(bytes);
+                (force || after <= limit).then_some(after)
+            });
+        taken.ok().map(|_| Charge {
+            bytes,
+            backlogs: Arc::clone(self),
         })
     }
 
@@ -336,13 +364,40 @@ impl Writers {
     }
 }
 
-/// A writer's place among [`Writers`], given back when the writer thread ends, however.
-struct Enlisted(Arc<Writers>);
+/// A writer's place among [`Backlogs`], given back when the writer thread ends, however.
+struct Enlisted(Arc<Backlogs>);
 
 impl Drop for Enlisted {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Sealed records' share of [`Backlogs`], given back when they are written or dropped.
+#[derive(Debug)]
+struct Charge {
+    bytes: usize,
+    backlogs: Arc<Backlogs>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.backlogs.sealed.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A frame in a backlog, with the charge for it when it is a TLS client's own sealed copy.
+#[derive(Debug)]
+struct Queued {
+    frame: Frame,
+    _charge: Option<Charge>,
+}
+
+/// An upper bound on the size of `frames` once sealed into TLS records: each record of up
+/// to 16 KiB adds at most 22 bytes of header, type and tag.
+fn sealed_size(frames: &[Frame]) -> usize {
+    let plain: usize = frames.iter().map(Frame::len).sum();
+    plain + (plain / (16 * 1024) + frames.len()) * 22
 }
 
 /// The dispatcher's handle for writing to one client: the shared [`Peer`] plus the sending
@@ -356,13 +411,13 @@ pub(crate) struct PeerOutlet {
 /// The sending end of a client's backlog channel, while a writer thread drains it.
 #[derive(Debug)]
 struct Backlog {
-    tx: Option<Sender<Frame>>,
+    tx: Option<Sender<Queued>>,
     capacity: usize,
     /// A writer thread was started and has not been joined yet: lets the dispatcher's
     /// housekeeping pass over the many clients that never had one without taking their
     /// locks.
     started_writer: bool,
-    writers: Arc<Writers>,
+    backlogs: Arc<Backlogs>,
     /// The backlog overflowed: the client is being closed as too slow.
     overflowed: bool,
     /// The backlog, while it waits for a writer thread to be free.
@@ -372,20 +427,20 @@ struct Backlog {
 /// A backlog without a writer thread yet: every writer was busy when it began.
 #[derive(Debug)]
 struct Parked {
-    rx: Receiver<Frame>,
+    rx: Receiver<Queued>,
     since: Instant,
 }
 
 impl PeerOutlet {
-    /// `capacity` bounds the backlog, in frames; its writer thread counts among `writers`.
-    pub(crate) fn new(peer: Arc<Peer>, capacity: usize, writers: Arc<Writers>) -> Self {
+    /// `capacity` bounds the backlog, in frames; what it takes counts among `backlogs`.
+    pub(crate) fn new(peer: Arc<Peer>, capacity: usize, backlogs: Arc<Backlogs>) -> Self {
         Self {
             peer,
             backlog: Backlog {
                 tx: None,
                 capacity: capacity.clamp(1, MAX_QUEUE),
                 started_writer: false,
-                writers,
+                backlogs,
                 overflowed: false,
                 parked: None,
             },
@@ -416,6 +471,13 @@ impl Outlet for PeerOutlet {
             self.backlog.overflowed = true;
             return Sent::Overflow;
         }
+        let charge = match peer.tls.get() {
+            Some(_) if draining => match self.backlog.backlogs.charge(sealed_size(frames), false) {
+                Some(charge) => Some(charge),
+                None => return Sent::OverBudget,
+            },
+            _ => None,
+        };
         let frames = match peer.sealed(frames, !draining) {
             Ok(frames) => frames,
             Err(e) => {
@@ -426,16 +488,22 @@ impl Outlet for PeerOutlet {
         };
         if draining {
             return match frames {
-                Cow::Borrowed(frames) => self.backlog.enqueue(frames.iter().cloned()),
-                Cow::Owned(sealed) => self.backlog.enqueue(sealed.into_iter()),
+                Cow::Borrowed(frames) => self.backlog.enqueue(frames.iter().cloned(), None),
+                Cow::Owned(sealed) => self.backlog.enqueue(sealed.into_iter(), charge),
             };
         }
         match peer.write_now(&frames) {
             Ok(written) => match leftover(&frames, written) {
                 None => Sent::Done,
                 Some((partial, rest)) => {
+                    // Over TLS, the rest of a run sealed already: it must go, budget or not.
+                    let charge = peer.tls.get().map(|_| {
+                        let bytes = partial.len() + rest.iter().map(Frame::len).sum::<usize>();
+                        self.backlog.backlogs.charge(bytes, true)
+                    });
                     let frames = std::iter::once(partial).chain(rest.iter().cloned());
-                    self.backlog.start(peer, &mut write, frames)
+                    self.backlog
+                        .start(peer, &mut write, frames, charge.flatten())
                 }
             },
             Err(e) => {
@@ -513,7 +581,8 @@ impl PeerOutlet {
                 Ok(written) if written == frame.len() => peer.close_written(&mut write),
                 Ok(written) => {
                     write.state = WriteState::CloseQueued(frame.slice(written..));
-                    self.backlog.start(peer, &mut write, std::iter::empty());
+                    self.backlog
+                        .start(peer, &mut write, std::iter::empty(), None);
                 }
                 Err(e) => {
                     debug!("close to {} failed: {e}", peer.addr);
@@ -537,12 +606,25 @@ impl Backlog {
             .is_none_or(|tx| tx.len().saturating_add(n) <= self.capacity)
     }
 
-    fn enqueue(&mut self, frames: impl Iterator<Item = Frame>) -> Sent {
+    /// Queue `frames`; `charge`, for all of them, goes with the last, so that it is given
+    /// back once they are all written or dropped.
+    fn enqueue(&mut self, frames: impl Iterator<Item = Frame>, charge: Option<Charge>) -> Sent {
         let Some(tx) = &self.tx else {
             return Sent::Gone;
         };
-        for frame in frames {
-            match tx.try_send(frame) {
+        let mut frames = frames.peekable();
+        let mut charge = charge;
+        while let Some(frame) = frames.next() {
+            let charge = if frames.peek().is_none() {
+                charge.take()
+            } else {
+                None
+            };
+            let queued = Queued {
+                frame,
+                _charge: charge,
+            };
+            match tx.try_send(queued) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     self.overflowed = true;
@@ -561,6 +643,7 @@ impl Backlog {
         peer: &Arc<Peer>,
         write: &mut Writing,
         frames: impl Iterator<Item = Frame>,
+        charge: Option<Charge>,
     ) -> Sent {
         if let Some(previous) = write.writer.take() {
             // The write side is `Direct` (only then does a new writer start), and only the
@@ -570,18 +653,18 @@ impl Backlog {
         }
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
         self.tx = Some(tx);
-        let sent = self.enqueue(frames);
+        let sent = self.enqueue(frames, charge);
         if !matches!(write.state, WriteState::CloseQueued(_)) {
             write.state = WriteState::Draining;
         }
         self.started_writer = true;
-        let Some(enlisted) = self.writers.enlist() else {
-            if let Some(note) = self.writers.refused.lock().ready() {
+        let Some(enlisted) = self.backlogs.enlist() else {
+            if let Some(note) = self.backlogs.refused.lock().ready() {
                 warn!(
                     "{} is behind, and all {} backlog writer threads are busy with clients \
                      that read slowly or not at all (--max-writers): it waits for one, for \
                      up to --write-timeout{note}",
-                    peer.addr, self.writers.limit
+                    peer.addr, self.backlogs.limit
                 );
             }
             self.parked = Some(Parked {
@@ -602,7 +685,7 @@ impl Backlog {
         &mut self,
         peer: &Arc<Peer>,
         write: &mut Writing,
-        rx: Receiver<Frame>,
+        rx: Receiver<Queued>,
         enlisted: Enlisted,
     ) -> bool {
         let writer_peer = Arc::clone(peer);
@@ -643,7 +726,7 @@ impl Backlog {
             self.started_writer = false;
             return;
         }
-        if let Some(enlisted) = self.writers.enlist() {
+        if let Some(enlisted) = self.backlogs.enlist() {
             self.spawn(peer, &mut write, parked.rx, enlisted);
             return;
         }
@@ -656,7 +739,7 @@ impl Backlog {
             warn!(
                 "cutting {}: no backlog writer thread came free for it within \
                  --write-timeout (--max-writers {})",
-                peer.addr, self.writers.limit
+                peer.addr, self.backlogs.limit
             );
             peer.fail(&mut write);
             return;
@@ -679,7 +762,7 @@ fn leftover(frames: &[Frame], mut written: usize) -> Option<(Frame, &[Frame])> {
 
 /// The writer thread: write everything queued, then the pending close if there is one,
 /// then give the socket back to the dispatcher and end.
-fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
+fn drain_backlog(peer: &Peer, rx: &Receiver<Queued>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         batch.extend(rx.try_iter().take(MAX_BATCH));
@@ -691,7 +774,7 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
             match mem::replace(&mut write.state, WriteState::CloseSending) {
                 WriteState::CloseQueued(frame) => {
                     drop(write);
-                    let result = peer.write_all(std::slice::from_ref(&frame));
+                    let result = peer.write_all(std::iter::once(&frame));
                     write = peer.write.lock();
                     match result {
                         Ok(()) if matches!(write.state, WriteState::CloseSending) => {
@@ -706,7 +789,7 @@ fn drain_backlog(peer: &Peer, rx: &Receiver<Frame>) {
             }
             return;
         }
-        if let Err(e) = peer.write_all(&batch) {
+        if let Err(e) = peer.write_all(batch.iter().map(|queued| &queued.frame)) {
             write_failed(peer, &mut peer.write.lock(), &e);
             return;
         }
@@ -829,7 +912,7 @@ mod tests {
     #[test]
     fn with_no_writer_free_a_backlog_waits_for_one_and_gets_it() {
         let (_client, peer) = stalled_pair();
-        let writers = Writers::new(1);
+        let writers = Backlogs::new(1, usize::MAX);
         let busy = writers.enlist().expect("the one place");
         let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Arc::clone(&writers));
         until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
@@ -851,7 +934,7 @@ mod tests {
         peer.stream
             .set_write_timeout(Some(timeout))
             .expect("timeout");
-        let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Writers::new(0));
+        let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Backlogs::new(0, usize::MAX));
         let parked_at = Instant::now();
         until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
         while !peer.is_cut() {
@@ -867,14 +950,14 @@ mod tests {
     fn a_slow_consumers_close_goes_out_before_the_rest_of_its_backlog() {
         const CAPACITY: usize = 1000;
         let (client, peer) = stalled_pair();
-        let mut outlet = PeerOutlet::new(Arc::clone(&peer), CAPACITY, Writers::new(1));
+        let mut outlet = PeerOutlet::new(Arc::clone(&peer), CAPACITY, Backlogs::new(1, usize::MAX));
         let frame = message::text("10.0.0.1:1: ", &"x".repeat(1000));
         let mut sent = 0;
         loop {
             match outlet.send(std::slice::from_ref(&frame)) {
                 Sent::Done => sent += 1,
                 Sent::Overflow => break,
-                Sent::Gone => panic!("the client is there"),
+                Sent::Gone | Sent::OverBudget => panic!("the client is there, plaintext"),
             }
             assert!(sent < 10 * CAPACITY, "the backlog never filled");
         }

@@ -372,6 +372,42 @@ fn a_tls_client_that_does_not_read_is_closed_with_1008_and_can_read_it() {
 }
 
 #[test]
+fn tls_clients_behind_are_closed_once_their_backlogs_take_the_memory_allowed() {
+    const MESSAGES: usize = 300;
+    let pki = Pki::new("budget");
+    // A queue that never fills: only the memory for sealed backlogs can stop it.
+    let config = ServerConfig::default()
+        .queue(4096)
+        .rate(0)
+        .max_tls_backlog(256 * 1024)
+        .close_timeout(WAIT * 3);
+    let server = tls_server(&pki, config);
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    socket
+        .connect(&server.local_addr().into())
+        .expect("connect");
+    let (mut stalled, _) = wss_on(socket.into(), &pki.ca);
+    let (mut sender, _) = wss(server.local_addr(), &pki.ca);
+    let big = "x".repeat(16 * 1024);
+    for i in 0..MESSAGES {
+        say(&mut sender, &format!("{i} {big}"));
+    }
+    let (code, reason, texts) = recv_until_close(&mut stalled);
+    for (i, text) in texts.iter().enumerate() {
+        assert!(
+            text.ends_with(&format!(": {i} {big}")),
+            "no gap before the close"
+        );
+    }
+    assert_eq!((code, reason.as_str()), (1008, "too slow: fell behind"));
+    assert!(texts.len() < MESSAGES, "cut off early ({})", texts.len());
+}
+
+#[test]
 fn sighup_loads_a_new_certificate_for_new_connections_and_old_ones_keep_chatting() {
     let pki = Pki::new("reload");
     let server = ServerProc::start(&pki.server_args());
