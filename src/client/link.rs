@@ -14,8 +14,8 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::debug;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use parking_lot::Mutex;
+use socket2::SockRef;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -201,11 +201,14 @@ fn connect(
         write_lock: Arc::new(Mutex::new(())),
         deadline: None,
         polite: false,
+        reader: false,
         live: Arc::new(Liveness {
             born: Instant::now(),
             heard_ms: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
             sent_close: AtomicBool::new(false),
+            reading: AtomicBool::new(true),
+            answered: AtomicBool::new(false),
             keepalive,
         }),
     };
@@ -213,6 +216,7 @@ fn connect(
     let handshaking = Shared {
         deadline: Some(deadline),
         polite: true,
+        reader: true,
         ..shared.clone()
     };
     let (mut ws, _response) = tungstenite::client::client_with_config(
@@ -275,11 +279,21 @@ fn refusal_detail(status: &str, body: &str) -> String {
 /// The socket thread: show every text message until a close frame or the end.
 fn read_messages(ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm) -> Ending {
     let live = Arc::clone(&ws.get_ref().live);
-    match read_until_end(ws, sink, confirm) {
-        Ending::Lost(_) if live.stalled.load(Ordering::Acquire) => Ending::Lost(format!(
-            "the server took none of our data, and said nothing, for {} s",
-            live.keepalive.unwrap_or_default().as_secs()
-        )),
+    let stream = Arc::clone(&ws.get_ref().stream);
+    let ending = read_until_end(ws, sink, confirm);
+    live.reading.store(false, Ordering::Release);
+    match ending {
+        Ending::Lost(why) => {
+            // Nobody reads any more: a send stuck meanwhile must not wait on.
+            let _ = stream.shutdown(Shutdown::Both);
+            if live.stalled.load(Ordering::Acquire) {
+                return Ending::Lost(format!(
+                    "the server took none of our data, and said nothing, for {} s",
+                    live.keepalive.unwrap_or_default().as_secs()
+                ));
+            }
+            Ending::Lost(why)
+        }
         ending => ending,
     }
 }
@@ -312,7 +326,9 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
             Ok(Message::Close(frame)) => {
                 if !live.sent_close.swap(true, Ordering::AcqRel) {
                     // The server closed first: send the reply tungstenite has queued, even
-                    // if that means waiting for the lock.
+                    // if that means waiting for the lock; no message may follow it.
+                    live.reading.store(false, Ordering::Release);
+                    live.answered.store(true, Ordering::Release);
                     ws.get_mut().polite = false;
                     let _ = ws.flush();
                 }
@@ -328,8 +344,10 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if pinged {
-                    let _ = ws.get_ref().stream.shutdown(Shutdown::Both);
+                // Silent for the whole keepalive since the ping (a long message trickling in
+                // is not silence, though it has not ended yet).
+                let keepalive = live.keepalive.unwrap_or_default();
+                if pinged && live.silent_for() >= keepalive {
                     return Ending::Lost(format!(
                         "the server sent nothing for {} s, not even an answer to a ping",
                         live.keepalive.unwrap_or_default().as_secs() * 2
@@ -365,6 +383,8 @@ struct Shared {
     /// but say `WouldBlock`, which tungstenite takes as "try again after the next read",
     /// so that the reader goes on reading while a send waits for a slow server.
     polite: bool,
+    /// The reader's.
+    reader: bool,
 }
 
 /// What the keepalive goes by, shared by the reader and the sends.
@@ -377,6 +397,11 @@ struct Liveness {
     stalled: AtomicBool,
     /// A close has gone out, ours or our answer to the server's: nothing may follow it.
     sent_close: AtomicBool,
+    /// The reader is reading, and will read what the server sends; not once it has ended,
+    /// or while it waits to answer the server's close.
+    reading: AtomicBool,
+    /// The reader answered the server's close: no message may follow it.
+    answered: AtomicBool,
     /// `None`: no keepalive, no timeouts.
     keepalive: Option<Duration>,
 }
@@ -440,8 +465,10 @@ impl Shared {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
+                    // Unread data says the server is alive only while the reader will read it.
                     let patience = self.live.keepalive.unwrap_or(Duration::MAX);
-                    if self.live.silent_for() < patience || has_unread(&self.stream) {
+                    let reading = self.live.reading.load(Ordering::Acquire);
+                    if self.live.silent_for() < patience || (reading && has_unread(&self.stream)) {
                         continue;
                     }
                     self.live.stalled.store(true, Ordering::Release);
@@ -455,10 +482,12 @@ impl Shared {
     }
 }
 
-/// Whether `stream` has data (or its end) waiting to be read.
+/// Whether `stream` has data waiting to be read (not its end, which says nothing of the
+/// server being alive).
 fn has_unread(stream: &TcpStream) -> bool {
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(ready) if ready > 0)
+    let mut byte = [MaybeUninit::uninit()];
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    matches!(SockRef::from(stream).recv_with_flags(&mut byte, flags), Ok(n) if n > 0)
 }
 
 impl Read for Shared {
@@ -484,6 +513,10 @@ impl Write for Shared {
                 .ok_or(io::ErrorKind::WouldBlock)?,
             false => self.write_lock.lock(),
         };
+        if self.live.answered.load(Ordering::Acquire) && !self.reader {
+            // The reader answered the server's close while this waited for the lock.
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         if let Some(deadline) = self.deadline {
             // The handshake: a timeout ends it, so there is nothing to resume.
             self.stream.set_write_timeout(Some(time_left(deadline)?))?;

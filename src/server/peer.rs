@@ -96,14 +96,20 @@ struct Writing {
 ///   │ close                  │ close
 ///   ▼                        ▼
 /// Closed ◄──written── CloseSending ◄──backlog written── CloseQueued
+///   ▲                                                      ▲
+///   └──────────── close, written ── Direct ── close, part written
 ///
 /// any state ──socket failed, write timed out, connection ended──► Gone
 /// ```
+///
+/// A backlog's writer thread may not have started yet: when every writer is busy, the
+/// backlog waits, parked ([`Parked`]), in `Draining` or `CloseQueued` all the same.
 #[derive(Debug)]
 enum WriteState {
     /// The dispatcher writes straight into the socket, without blocking.
     Direct,
-    /// A writer thread owns the write side until the backlog is written.
+    /// A writer thread (started, or to start once one is free) owns the write side until
+    /// the backlog is written.
     Draining,
     /// As `Draining`, then this close frame (or what is left of it); no more data is taken.
     CloseQueued(Frame),
@@ -394,10 +400,10 @@ struct Queued {
 }
 
 /// An upper bound on the size of `frames` once sealed into TLS records: each record of up
-/// to 16 KiB adds at most 22 bytes of header, type and tag.
+/// to 16 KiB adds at most 29 bytes (TLS 1.2 with AES-GCM: header, explicit nonce, tag).
 fn sealed_size(frames: &[Frame]) -> usize {
     let plain: usize = frames.iter().map(Frame::len).sum();
-    plain + (plain / (16 * 1024) + frames.len()) * 22
+    plain + (plain / (16 * 1024) + frames.len()) * 29
 }
 
 /// The dispatcher's handle for writing to one client: the shared [`Peer`] plus the sending
@@ -547,14 +553,37 @@ impl Outlet for PeerOutlet {
             {
                 return;
             }
-            if write.state.takes_data() {
-                self.backlog.tx = None;
-            }
+            // Written, or given up on: what is still queued (and its share of the budget)
+            // goes now, not when the client leaves.
+            self.backlog.tx = None;
             write.writer.take()
         };
         self.backlog.started_writer = false;
         if let Some(writer) = finished {
             join_writer(writer, self.peer.addr);
+        }
+    }
+}
+
+impl Drop for PeerOutlet {
+    /// The dispatcher lets go of a client (it left) whose backlog is parked: what is queued
+    /// (its answer to the client's close, say) goes to a writer if one is free now, and is
+    /// given up on otherwise, so that the connection thread waiting for it ends at once.
+    fn drop(&mut self) {
+        let Some(parked) = self.backlog.parked.take() else {
+            return;
+        };
+        let peer = &self.peer;
+        let mut write = peer.write.lock();
+        if !write.state.has_writer() {
+            return;
+        }
+        match self.backlog.backlogs.enlist() {
+            Some(enlisted) => {
+                // Joined by the connection thread as it finishes.
+                self.backlog.spawn(peer, &mut write, parked.rx, enlisted);
+            }
+            None => peer.fail(&mut write),
         }
     }
 }
@@ -723,6 +752,7 @@ impl Backlog {
         let mut write = peer.write.lock();
         if !write.state.has_writer() {
             // The connection ended meanwhile: nothing is to be written.
+            self.tx = None;
             self.started_writer = false;
             return;
         }
@@ -925,6 +955,30 @@ mod tests {
         assert!(peer.write.lock().writer.is_some(), "a writer took it");
         assert!(writers.enlist().is_none(), "and holds the one place");
         peer.finish();
+    }
+
+    #[test]
+    fn a_parked_client_that_leaves_is_not_left_waiting_for_its_close() {
+        for free in [0, 1] {
+            let (client, peer) = stalled_pair();
+            let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Backlogs::new(free, 0));
+            let _busy = (free == 1).then(|| outlet.backlog.backlogs.enlist());
+            until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
+            outlet.close(message::close(CloseCode::Normal, ""));
+            let waited = Instant::now();
+            drop(_busy);
+            drop(outlet);
+            if free == 1 {
+                // A writer took it: the close goes out once the client reads.
+                drop(opcodes_until_close(client));
+            }
+            peer.wait_close_written(Duration::from_secs(10));
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "no wait for a close that cannot come ({free} free)"
+            );
+            peer.finish();
+        }
     }
 
     #[test]

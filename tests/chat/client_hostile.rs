@@ -147,6 +147,29 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
 }
 
 #[test]
+fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
+    let (done, hold) = crossbeam_channel::bounded::<()>(0);
+    let (url, server) = one_client(true, move |stream| {
+        // Its end of the conversation (a FIN), but never a byte read, nor a reset.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = hold.recv_timeout(WAIT * 2);
+        drop(stream);
+    });
+    let mut command = client(&url);
+    command.args(["--keepalive", "1", "--no-confirm"]);
+    let line = "x".repeat(1000);
+    let output = fed(
+        &mut command,
+        move |stdin| {
+            while writeln!(stdin, "{line}").is_ok() {}
+        },
+    );
+    drop(done);
+    server.join().expect("server");
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+}
+
+#[test]
 fn a_server_that_reads_slowly_but_talks_is_waited_for() {
     let (done, hold) = crossbeam_channel::bounded::<()>(0);
     let (url, server) = one_client(true, move |mut stream| {
