@@ -19,7 +19,7 @@ use tungstenite::{Error as WsError, Message, error::ProtocolError};
 
 use super::admission::{Admission, Pending, Slot};
 use super::backplane::Backplane;
-use super::flood::Bucket;
+use super::flood::{Bucket, FRAMES_PER_TOKEN, FrameCounter};
 use super::handshake::{self, Outcome};
 use super::inbox::{Event, Events};
 use super::metrics::{Closed, Metrics, Refused};
@@ -258,14 +258,22 @@ impl Session<'_> {
             .write_buffer_size(0)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
-        let inbound = Inbound(self.peer.wire());
+        let mut counter = FrameCounter::default();
+        let inbound = Inbound {
+            wire: self.peer.wire(),
+            flood: Flood {
+                bucket: Bucket::new(config.rate, config.burst, Instant::now()),
+                told: false,
+                peer: self.peer,
+                rate: config.rate,
+                // The frames the handshake read past the request, paid for with the next.
+                unpaid: counter.feed(&leftover),
+            },
+            counter,
+        };
         let mut ws =
             WebSocket::from_partially_read(inbound, leftover, Role::Server, Some(ws_config));
         let tag = message::sender_tag(self.peer.addr);
-        let mut flood = Flood {
-            bucket: Bucket::new(config.rate, config.burst, Instant::now()),
-            told: false,
-        };
         loop {
             let message = match ws.read() {
                 Ok(message) => message,
@@ -280,7 +288,7 @@ impl Session<'_> {
             // Every message a client can send costs a token, pongs too: unasked-for pongs
             // cost the server as much to read as anything else.
             let counts = !matches!(message, Message::Close(_));
-            if counts && !self.hold_back(&mut flood) {
+            if counts && !ws.get_mut().flood.hold_back() {
                 return End::Dropped {
                     why: "cut by the server".to_string(),
                 };
@@ -320,29 +328,6 @@ impl Session<'_> {
                 };
             }
         }
-    }
-
-    /// Flood control: when the client is over its rate, wait before handling its message
-    /// and reading on, so that TCP slows the client down. The wait is not its silence.
-    /// Returns whether to go on: not if the server cut the client meanwhile.
-    fn hold_back(&self, flood: &mut Flood) -> bool {
-        let Some(bucket) = &mut flood.bucket else {
-            return true;
-        };
-        let wait = bucket.take(Instant::now());
-        if wait.is_zero() {
-            return true;
-        }
-        if !flood.told {
-            flood.told = true;
-            info!(
-                "{} sends more than {} messages a second; reading it more slowly (--rate)",
-                self.peer.addr, self.context.config.rate
-            );
-        }
-        self.peer.heard_until(wait);
-        thread::sleep(wait);
-        !self.peer.is_cut()
     }
 
     fn failed(&self, error: WsError) -> End {
@@ -390,11 +375,51 @@ impl Drop for Session<'_> {
     }
 }
 
-/// A session's flood control: its bucket (none with `--rate 0`), and whether the log has
-/// been told the client is being slowed.
-struct Flood {
+/// A session's flood control: its bucket (none with `--rate 0`), whether the log has been
+/// told the client is being slowed, and the frames not paid for yet.
+struct Flood<'a> {
     bucket: Option<Bucket>,
     told: bool,
+    peer: &'a Peer,
+    rate: u32,
+    unpaid: u64,
+}
+
+impl Flood<'_> {
+    /// When the client is over its rate, wait before handling its message and reading
+    /// on, so that TCP slows the client down. The wait is not its silence. Returns
+    /// whether to go on: not if the server cut the client meanwhile.
+    fn hold_back(&mut self) -> bool {
+        let Some(bucket) = &mut self.bucket else {
+            return true;
+        };
+        let wait = bucket.take(Instant::now());
+        if wait.is_zero() {
+            return true;
+        }
+        if !self.told {
+            self.told = true;
+            info!(
+                "{} sends more than {} messages a second; reading it more slowly (--rate)",
+                self.peer.addr, self.rate
+            );
+        }
+        self.peer.heard_until(wait);
+        thread::sleep(wait);
+        !self.peer.is_cut()
+    }
+
+    /// Pay for `frames` more frames, a token for every [`FRAMES_PER_TOKEN`].
+    fn frames(&mut self, frames: u64) {
+        self.unpaid += frames;
+        while self.unpaid >= FRAMES_PER_TOKEN {
+            self.unpaid -= FRAMES_PER_TOKEN;
+            if !self.hold_back() {
+                // Cut: the socket is shut down, and the next read ends the session.
+                return;
+            }
+        }
+    }
 }
 
 /// The answer to a client's close: its own status code back, as RFC 6455 §5.5.1 asks.
@@ -451,12 +476,23 @@ fn close_gracefully(mut stream: &TcpStream, timeout: Duration) {
 
 /// The connection as tungstenite sees it: readable, and a sink for tungstenite's
 /// automatic replies, because the server sends its pongs and closes itself, through the
-/// dispatcher.
-struct Inbound<'a>(Wire<'a>);
+/// dispatcher. Flood control reads here too, to charge for frames as they come.
+struct Inbound<'a> {
+    wire: Wire<'a>,
+    counter: FrameCounter,
+    flood: Flood<'a>,
+}
 
 impl Read for Inbound<'_> {
+    /// Read, and pay for the frames that began in what was read (with flood control on:
+    /// off, there is nothing to pay, and nothing is counted).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        let read = self.wire.read(buf)?;
+        if self.flood.bucket.is_some() {
+            let frames = self.counter.feed(&buf[..read]);
+            self.flood.frames(frames);
+        }
+        Ok(read)
     }
 }
 

@@ -3,8 +3,74 @@
 //! A client over its rate is slowed, not punished: its connection thread waits before it
 //! reads on, so TCP pushes back on the sender. Nothing it sent is dropped or reordered, it
 //! is never disconnected for it, and the other clients only ever see its allowed rate.
+//!
+//! Messages cost a token each, and frames a fraction of one ([`FRAMES_PER_TOKEN`]): a
+//! message sent as thousands of one-byte fragments, or fragments that never end, costs
+//! the server a frame's work each, though tungstenite hands over only whole messages.
+//! [`FrameCounter`] finds the frames in the bytes as they are read.
 
 use std::time::{Duration, Instant};
+
+/// Frames that cost as much as a message. Clients send a message as one frame, or a few;
+/// only a flood of fragments comes near this.
+pub(crate) const FRAMES_PER_TOKEN: u64 = 8;
+
+/// Counts the frames that begin in a stream of client bytes, without keeping them: the
+/// same bytes tungstenite reads, fed in the same order.
+#[derive(Debug, Default)]
+pub(crate) struct FrameCounter {
+    /// The header being read, while it is incomplete.
+    header: [u8; 14],
+    have: usize,
+    /// Bytes of the current frame's payload still to come.
+    skip: u64,
+}
+
+impl FrameCounter {
+    /// Feed `bytes`; returns how many frames began in them.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut began = 0;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                self.skip -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.header[self.have] = bytes[0];
+            self.have += 1;
+            bytes = &bytes[1..];
+            if let Some(payload) = payload_len(&self.header[..self.have]) {
+                began += 1;
+                self.skip = payload;
+                self.have = 0;
+            }
+        }
+        began
+    }
+}
+
+/// The payload length of a frame whose header is `header`, once all of it is there.
+fn payload_len(header: &[u8]) -> Option<u64> {
+    let second = *header.get(1)?;
+    let masked = second & 0x80 != 0;
+    let (extended, len7) = match second & 0x7f {
+        126 => (2, None),
+        127 => (8, None),
+        len => (0, Some(u64::from(len))),
+    };
+    let total = 2 + extended + if masked { 4 } else { 0 };
+    if header.len() < total {
+        return None;
+    }
+    Some(len7.unwrap_or_else(|| {
+        header[2..2 + extended]
+            .iter()
+            .fold(0, |len, &byte| (len << 8) | u64::from(byte))
+    }))
+}
 
 /// `rate` tokens a second, at most `burst` saved up; one token per message.
 #[derive(Debug)]
@@ -47,6 +113,24 @@ mod tests {
 
     fn ms(ms: u64) -> Duration {
         Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn frames_are_counted_however_the_bytes_are_cut() {
+        // A masked text frame of 3 bytes, one of 300 (16-bit length), an empty one of 0
+        // (unmasked, as a stray server frame would be), and one of 70 000 (64-bit length).
+        let mut stream = vec![0x81, 0x83, 1, 2, 3, 4, b'a', b'b', b'c'];
+        stream.extend([0x81, 0xfe, 0x01, 0x2c, 1, 2, 3, 4]);
+        stream.extend([b'x'; 300]);
+        stream.extend([0x80, 0x00]);
+        stream.extend([0x82, 0xff, 0, 0, 0, 0, 0, 1, 0x11, 0x70, 1, 2, 3, 4]);
+        stream.extend(vec![b'y'; 70_000]);
+        for cut in [1, 2, 5, 13, 4096, stream.len()] {
+            let mut counter = FrameCounter::default();
+            let frames: u64 = stream.chunks(cut).map(|chunk| counter.feed(chunk)).sum();
+            assert_eq!(frames, 4, "in chunks of {cut}");
+            assert_eq!((counter.have, counter.skip), (0, 0), "between frames");
+        }
     }
 
     #[test]

@@ -276,6 +276,21 @@ fn unasked_for_pongs_are_held_to_the_rate_like_messages() {
 }
 
 #[test]
+fn a_message_sent_as_a_flood_of_one_byte_fragments_is_held_to_the_rate() {
+    let server = ServerProc::start(&[]);
+    let mut raw = Raw::connect(server.addr);
+    raw.handshake();
+    // A text message begun, then a thousand one-byte continuations: it never ends, so it
+    // never costs a message's token; its frames cost one for every eight.
+    let mut fragments = vec![0x01, 0x81, 1, 2, 3, 4, b'a' ^ 1];
+    for _ in 0..1000 {
+        fragments.extend([0x00, 0x81, 1, 2, 3, 4, b'b' ^ 1]);
+    }
+    raw.write(&fragments);
+    server.expect_log("reading it more slowly (--rate)");
+}
+
+#[test]
 fn time_spent_held_back_by_flood_control_is_not_silence() {
     // Each message past the first waits a second, more than two keepalive intervals; the
     // client must not be taken for silent meanwhile.
