@@ -29,7 +29,7 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
-use tungstenite::{Error as WsError, Message};
+use tungstenite::{Error as WsError, Message, error::ProtocolError};
 
 use super::Ending;
 use super::confirm::Confirm;
@@ -303,11 +303,12 @@ fn read_messages(ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm) -> E
 /// second it gives up, and cuts the socket so that a send stuck meanwhile ends too.
 fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm) -> Ending {
     let live = Arc::clone(&ws.get_ref().live);
-    let mut pinged = false;
+    // When the last ping went out, as when the server was last heard from then.
+    let mut pinged: Option<u64> = None;
     loop {
         let read = ws.read();
         if read.is_ok() {
-            pinged = false;
+            pinged = None;
         }
         match read {
             Ok(Message::Text(text)) => {
@@ -344,10 +345,10 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                // Silent for the whole keepalive since the ping (a long message trickling in
-                // is not silence, though it has not ended yet).
-                let keepalive = live.keepalive.unwrap_or_default();
-                if pinged && live.silent_for() >= keepalive {
+                // Nothing at all since the ping, a whole keepalive ago (a long message
+                // trickling in is no silence, though it has not ended yet: ping again).
+                let heard = live.heard_ms.load(Ordering::Relaxed);
+                if pinged == Some(heard) {
                     return Ending::Lost(format!(
                         "the server sent nothing for {} s, not even an answer to a ping",
                         live.keepalive.unwrap_or_default().as_secs() * 2
@@ -356,11 +357,16 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
                 if let Err(e) = ws.get_ref().ping_unless_closed() {
                     return Ending::Lost(format!("cannot ping the server: {e}"));
                 }
-                pinged = true;
+                pinged = Some(heard);
             }
             Err(WsError::Io(e)) if is_disconnect(&e) => return Ending::Lost(e.to_string()),
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
                 return Ending::Lost("the server closed the connection".to_string());
+            }
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                return Ending::Lost(
+                    "the server closed the connection without a close frame".to_string(),
+                );
             }
             Err(e) => return Ending::Lost(e.to_string()),
         }

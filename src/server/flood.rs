@@ -4,19 +4,20 @@
 //! reads on, so TCP pushes back on the sender. Nothing it sent is dropped or reordered, it
 //! is never disconnected for it, and the other clients only ever see its allowed rate.
 //!
-//! Messages cost a token each, and frames a fraction of one ([`FRAMES_PER_TOKEN`]): a
-//! message sent as thousands of one-byte fragments, or fragments that never end, costs
-//! the server a frame's work each, though tungstenite hands over only whole messages.
-//! [`FrameCounter`] finds the frames in the bytes as they are read.
+//! Messages cost a token each, and continuation frames a fraction of one
+//! ([`FRAMES_PER_TOKEN`]): a message sent as thousands of one-byte fragments, or fragments
+//! that never end, costs the server a frame's work each, though tungstenite hands over
+//! only whole messages. [`FrameCounter`] finds those frames in the bytes as they are read.
+//! A message's first frame, and every control frame, is paid for as a message.
 
 use std::time::{Duration, Instant};
 
-/// Frames that cost as much as a message. Clients send a message as one frame, or a few;
-/// only a flood of fragments comes near this.
+/// Continuation frames that cost as much as a message. Clients send a message as one
+/// frame, or a few; only a flood of fragments comes near this.
 pub(crate) const FRAMES_PER_TOKEN: u64 = 8;
 
-/// Counts the frames that begin in a stream of client bytes, without keeping them: the
-/// same bytes tungstenite reads, fed in the same order.
+/// Counts the continuation frames that begin in a stream of client bytes, without keeping
+/// them: the same bytes tungstenite reads, fed in the same order.
 #[derive(Debug, Default)]
 pub(crate) struct FrameCounter {
     /// The header being read, while it is incomplete.
@@ -27,7 +28,7 @@ pub(crate) struct FrameCounter {
 }
 
 impl FrameCounter {
-    /// Feed `bytes`; returns how many frames began in them.
+    /// Feed `bytes`; returns how many continuation frames began in them.
     pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> u64 {
         let mut began = 0;
         while !bytes.is_empty() {
@@ -43,7 +44,7 @@ impl FrameCounter {
             self.have += 1;
             bytes = &bytes[1..];
             if let Some(payload) = payload_len(&self.header[..self.have]) {
-                began += 1;
+                began += u64::from(self.header[0] & 0x0f == 0);
                 self.skip = payload;
                 self.have = 0;
             }
@@ -116,19 +117,21 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_counted_however_the_bytes_are_cut() {
-        // A masked text frame of 3 bytes, one of 300 (16-bit length), an empty one of 0
-        // (unmasked, as a stray server frame would be), and one of 70 000 (64-bit length).
-        let mut stream = vec![0x81, 0x83, 1, 2, 3, 4, b'a', b'b', b'c'];
-        stream.extend([0x81, 0xfe, 0x01, 0x2c, 1, 2, 3, 4]);
+    fn continuation_frames_are_counted_however_the_bytes_are_cut() {
+        // A text frame of 3 bytes begins a message; continuations of 300 (16-bit length),
+        // 0 (unmasked, as a stray frame would be) and 70 000 (64-bit length) follow, with a
+        // ping between them.
+        let mut stream = vec![0x01, 0x83, 1, 2, 3, 4, b'a', b'b', b'c'];
+        stream.extend([0x00, 0xfe, 0x01, 0x2c, 1, 2, 3, 4]);
         stream.extend([b'x'; 300]);
-        stream.extend([0x80, 0x00]);
-        stream.extend([0x82, 0xff, 0, 0, 0, 0, 0, 1, 0x11, 0x70, 1, 2, 3, 4]);
+        stream.extend([0x89, 0x80, 1, 2, 3, 4]);
+        stream.extend([0x00, 0x00]);
+        stream.extend([0x80, 0xff, 0, 0, 0, 0, 0, 1, 0x11, 0x70, 1, 2, 3, 4]);
         stream.extend(vec![b'y'; 70_000]);
         for cut in [1, 2, 5, 13, 4096, stream.len()] {
             let mut counter = FrameCounter::default();
             let frames: u64 = stream.chunks(cut).map(|chunk| counter.feed(chunk)).sum();
-            assert_eq!(frames, 4, "in chunks of {cut}");
+            assert_eq!(frames, 3, "in chunks of {cut}");
             assert_eq!((counter.have, counter.skip), (0, 0), "between frames");
         }
     }

@@ -575,7 +575,11 @@ impl Drop for PeerOutlet {
         };
         let peer = &self.peer;
         let mut write = peer.write.lock();
-        if !write.state.has_writer() {
+        if !matches!(write.state, WriteState::CloseQueued(_)) {
+            // Nothing anyone waits for: the client left without a close to answer.
+            if write.state.has_writer() {
+                peer.fail(&mut write);
+            }
             return;
         }
         match self.backlog.backlogs.enlist() {

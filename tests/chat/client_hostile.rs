@@ -150,13 +150,16 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
 fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
     let (done, hold) = crossbeam_channel::bounded::<()>(0);
     let (url, server) = one_client(true, move |stream| {
-        // Its end of the conversation (a FIN), but never a byte read, nor a reset.
+        // Never a byte read; once the client's sends are stuck (its 4 KiB are full long
+        // before), its end of the conversation (a FIN), and no reset.
+        let _ = hold.recv_timeout(ms(1500));
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let _ = hold.recv_timeout(WAIT * 2);
         drop(stream);
     });
     let mut command = client(&url);
-    command.args(["--keepalive", "1", "--no-confirm"]);
+    // A keepalive longer than the wait above: it is the end of stream that must end it.
+    command.args(["--keepalive", "3", "--no-confirm"]);
     let line = "x".repeat(1000);
     let output = fed(
         &mut command,
@@ -167,6 +170,8 @@ fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
     drop(done);
     server.join().expect("server");
     assert_eq!(output.status.code(), Some(3), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("closed the connection"), "{stderr}");
 }
 
 #[test]
