@@ -200,7 +200,6 @@ fn connect(
         tls,
         write_lock: Arc::new(Mutex::new(())),
         deadline: None,
-        polite: false,
         reader: false,
         live: Arc::new(Liveness {
             born: Instant::now(),
@@ -212,10 +211,9 @@ fn connect(
             keepalive,
         }),
     };
-    // The WebSocket made on this one becomes the reader's, polite.
+    // The WebSocket made on this one becomes the reader's.
     let handshaking = Shared {
         deadline: Some(deadline),
-        polite: true,
         reader: true,
         ..shared.clone()
     };
@@ -330,7 +328,6 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
                     // if that means waiting for the lock; no message may follow it.
                     live.reading.store(false, Ordering::Release);
                     live.answered.store(true, Ordering::Release);
-                    ws.get_mut().polite = false;
                     let _ = ws.flush();
                 }
                 return Ending::Closed {
@@ -385,11 +382,10 @@ struct Shared {
     /// as is left.
     deadline: Option<Instant>,
     live: Arc<Liveness>,
-    /// The reader's: its writes (pongs) do not wait for the lock while a send holds it,
+    /// The reader's. Its writes (pongs) do not wait for the lock while a send holds it,
     /// but say `WouldBlock`, which tungstenite takes as "try again after the next read",
-    /// so that the reader goes on reading while a send waits for a slow server.
-    polite: bool,
-    /// The reader's.
+    /// so that the reader goes on reading while a send waits for a slow server; all but
+    /// its answer to the server's close, which must go out.
     reader: bool,
 }
 
@@ -512,14 +508,15 @@ impl Read for Shared {
 impl Write for Shared {
     /// tungstenite writes whole frames; each goes out whole under the write lock.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _guard = match self.polite {
+        let answered = self.live.answered.load(Ordering::Acquire);
+        let _guard = match self.reader && !answered {
             true => self
                 .write_lock
                 .try_lock()
                 .ok_or(io::ErrorKind::WouldBlock)?,
             false => self.write_lock.lock(),
         };
-        if self.live.answered.load(Ordering::Acquire) && !self.reader {
+        if !self.reader && self.live.answered.load(Ordering::Acquire) {
             // The reader answered the server's close while this waited for the lock.
             return Err(io::ErrorKind::BrokenPipe.into());
         }

@@ -582,12 +582,9 @@ impl Drop for PeerOutlet {
             }
             return;
         }
-        match self.backlog.backlogs.enlist() {
-            Some(enlisted) => {
-                // Joined by the connection thread as it finishes.
-                self.backlog.spawn(peer, &mut write, parked.rx, enlisted);
-            }
-            None => peer.fail(&mut write),
+        // A writer started here is joined by the connection thread as it finishes.
+        if self.backlog.hand_over(peer, &mut write, parked.rx).is_err() {
+            peer.fail(&mut write);
         }
     }
 }
@@ -691,36 +688,38 @@ impl Backlog {
             write.state = WriteState::Draining;
         }
         self.started_writer = true;
-        let Some(enlisted) = self.backlogs.enlist() else {
-            if let Some(note) = self.backlogs.refused.lock().ready() {
-                warn!(
-                    "{} is behind, and all {} backlog writer threads are busy with clients \
-                     that read slowly or not at all (--max-writers): it waits for one, for \
-                     up to --write-timeout{note}",
-                    peer.addr, self.backlogs.limit
-                );
+        match self.hand_over(peer, write, rx) {
+            Ok(true) => sent,
+            Ok(false) => Sent::Gone,
+            Err(rx) => {
+                if let Some(note) = self.backlogs.refused.lock().ready() {
+                    warn!(
+                        "{} is behind, and all {} backlog writer threads are busy with \
+                         clients that read slowly or not at all (--max-writers): it waits \
+                         for one, for up to --write-timeout{note}",
+                        peer.addr, self.backlogs.limit
+                    );
+                }
+                self.parked = Some(Parked {
+                    rx,
+                    since: Instant::now(),
+                });
+                sent
             }
-            self.parked = Some(Parked {
-                rx,
-                since: Instant::now(),
-            });
-            return sent;
-        };
-        if self.spawn(peer, write, rx, enlisted) {
-            sent
-        } else {
-            Sent::Gone
         }
     }
 
-    /// Start the writer thread that drains `rx`; on failure the client is dropped.
-    fn spawn(
+    /// Start a writer thread to drain `rx`, if one is free: whether it started (if not,
+    /// the client is dropped), or `rx` back when every writer is busy.
+    fn hand_over(
         &mut self,
         peer: &Arc<Peer>,
         write: &mut Writing,
         rx: Receiver<Queued>,
-        enlisted: Enlisted,
-    ) -> bool {
+    ) -> Result<bool, Receiver<Queued>> {
+        let Some(enlisted) = self.backlogs.enlist() else {
+            return Err(rx);
+        };
         let writer_peer = Arc::clone(peer);
         let spawned = thread::Builder::new()
             .name(format!("writer {}", peer.id))
@@ -732,7 +731,7 @@ impl Backlog {
         match spawned {
             Ok(handle) => {
                 write.writer = Some(handle);
-                true
+                Ok(true)
             }
             Err(e) => {
                 error!(
@@ -741,7 +740,7 @@ impl Backlog {
                 );
                 self.tx = None;
                 peer.fail(write);
-                false
+                Ok(false)
             }
         }
     }
@@ -760,12 +759,12 @@ impl Backlog {
             self.started_writer = false;
             return;
         }
-        if let Some(enlisted) = self.backlogs.enlist() {
-            self.spawn(peer, &mut write, parked.rx, enlisted);
+        let Parked { rx, since } = parked;
+        let Err(rx) = self.hand_over(peer, &mut write, rx) else {
             return;
-        }
+        };
         let timeout = peer.stream.write_timeout().ok().flatten();
-        if timeout.is_some_and(|timeout| parked.since.elapsed() >= timeout) {
+        if timeout.is_some_and(|timeout| since.elapsed() >= timeout) {
             // A client already being closed (as a slow consumer, say) was counted then.
             if write.state.takes_data() {
                 peer.metrics.closed(Closed::Stalled);
@@ -778,7 +777,7 @@ impl Backlog {
             peer.fail(&mut write);
             return;
         }
-        self.parked = Some(parked);
+        self.parked = Some(Parked { rx, since });
     }
 }
 
