@@ -308,13 +308,7 @@ fn lines_that_never_come_back_exit_4_unless_confirmation_is_off() {
 
 #[test]
 fn a_second_ctrl_c_stops_waiting_for_a_server_that_never_answers_the_close() {
-    let fake = Fake::start(Behaviour {
-        echo: true,
-        echo_delay: ms(0),
-        answer_close: false,
-        history: &[],
-        close_first: false,
-    });
+    let fake = Fake::start(Behaviour::NEVER_ANSWERS_CLOSE);
     let mut proc = Proc::spawn(&mut client(&fake.url()));
     let _stdin = proc.child.stdin.take();
     let stderr = BufReader::new(proc.child.stderr.take().expect("stderr"));

@@ -116,6 +116,20 @@ fn a_server_that_falls_silent_is_pinged_then_given_up_on() {
     );
 }
 
+/// The client against `url` with `--keepalive SECS`, fed lines of 1000 bytes until it
+/// stops reading them.
+fn sending_without_end(url: &str, keepalive: &str) -> std::process::Output {
+    let mut command = client(url);
+    command.args(["--keepalive", keepalive, "--no-confirm"]);
+    let line = "x".repeat(1000);
+    fed(
+        &mut command,
+        move |stdin| {
+            while writeln!(stdin, "{line}").is_ok() {}
+        },
+    )
+}
+
 #[test]
 fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
     let (done, hold) = crossbeam_channel::bounded::<()>(0);
@@ -124,15 +138,7 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
         let _ = hold.recv_timeout(WAIT * 2);
         drop(stream);
     });
-    let mut command = client(&url);
-    command.args(["--keepalive", "1", "--no-confirm"]);
-    let line = "x".repeat(1000);
-    let output = fed(
-        &mut command,
-        move |stdin| {
-            while writeln!(stdin, "{line}").is_ok() {}
-        },
-    );
+    let output = sending_without_end(&url, "1");
     drop(done);
     server.join().expect("server");
     assert_eq!(output.status.code(), Some(3), "{output:?}");
@@ -157,16 +163,8 @@ fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
         let _ = hold.recv_timeout(WAIT * 2);
         drop(stream);
     });
-    let mut command = client(&url);
     // A keepalive longer than the wait above: it is the end of stream that must end it.
-    command.args(["--keepalive", "3", "--no-confirm"]);
-    let line = "x".repeat(1000);
-    let output = fed(
-        &mut command,
-        move |stdin| {
-            while writeln!(stdin, "{line}").is_ok() {}
-        },
-    );
+    let output = sending_without_end(&url, "3");
     drop(done);
     server.join().expect("server");
     assert_eq!(output.status.code(), Some(3), "{output:?}");

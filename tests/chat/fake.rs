@@ -31,6 +31,17 @@ pub struct Behaviour {
     pub close_first: bool,
 }
 
+impl Behaviour {
+    /// Echoes at once, but never answers a close.
+    pub const NEVER_ANSWERS_CLOSE: Behaviour = Behaviour {
+        echo: true,
+        echo_delay: Duration::ZERO,
+        answer_close: false,
+        history: &[],
+        close_first: false,
+    };
+}
+
 /// What the fake server saw, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {

@@ -308,21 +308,17 @@ fn time_spent_held_back_by_flood_control_is_not_silence() {
     }
 }
 
+/// The server with `options`, for clients that stop reading: a queue that never fills,
+/// flood control off, no history.
+fn stalling_server(options: &[&str]) -> ServerProc {
+    let common = ["--queue", "65536", "--rate", "0", "--history", "0"];
+    ServerProc::start(&[options, &common[..]].concat())
+}
+
 #[test]
 fn a_client_that_never_reads_but_keeps_pinging_is_cut_and_its_thread_and_descriptor_go() {
     // No thread cache: the client's thread should end with it.
-    let server = ServerProc::start(&[
-        "--thread-cache",
-        "0",
-        "--write-timeout",
-        "1",
-        "--queue",
-        "65536",
-        "--rate",
-        "0",
-        "--history",
-        "0",
-    ]);
+    let server = stalling_server(&["--thread-cache", "0", "--write-timeout", "1"]);
     let pid = server.proc.pid();
     let (threads, fds) = (threads_of(pid), fds_of(pid));
     let (mut sender, tag) = join(server.addr);
@@ -355,16 +351,7 @@ fn a_client_that_never_reads_but_keeps_pinging_is_cut_and_its_thread_and_descrip
 #[test]
 fn backlog_writer_threads_never_outnumber_max_writers_and_the_others_wait_their_turn() {
     const MESSAGES: usize = 200;
-    let server = ServerProc::start(&[
-        "--max-writers",
-        "1",
-        "--queue",
-        "65536",
-        "--rate",
-        "0",
-        "--history",
-        "0",
-    ]);
+    let server = stalling_server(&["--max-writers", "1"]);
     let pid = server.proc.pid();
     let (mut sender, tag) = join(server.addr);
     let mut stalled: Vec<Raw> = (0..3).map(|_| stalled_client(server.addr)).collect();

@@ -1,7 +1,4 @@
-use std::net::TcpStream;
-
 use broadcast_chat::ServerConfig;
-use socket2::{Domain, Socket, Type};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::support::*;
@@ -138,10 +135,7 @@ fn a_close_is_answered_only_after_everything_already_broadcast_even_behind_a_bac
     let server = ServerProc::start(&["--rate", "0", "--history", "0"]);
     let pid = server.proc.pid();
     let threads = threads_of(pid);
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("small buffer");
-    socket.connect(&server.addr.into()).expect("connect");
-    let stream: TcpStream = socket.into();
+    let stream = small_window(server.addr);
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
     let addr = server.addr;
     let (mut ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");

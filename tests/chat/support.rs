@@ -306,17 +306,32 @@ impl Raw {
     }
 }
 
-/// A raw client with a tiny receive buffer, so that not reading fills up fast.
-pub fn stalled_client(addr: SocketAddr) -> Raw {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+/// A TCP connection to `addr` with a tiny receive buffer, so that not reading fills it
+/// within a few kilobytes.
+pub fn small_window(addr: SocketAddr) -> TcpStream {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
     socket
         .set_recv_buffer_size(4096)
         .expect("small receive buffer");
     socket.connect(&addr.into()).expect("connect");
-    let mut raw = Raw::from_stream(socket.into());
+    socket.into()
+}
+
+/// A raw client with a tiny receive buffer, so that not reading fills up fast.
+pub fn stalled_client(addr: SocketAddr) -> Raw {
+    let mut raw = Raw::from_stream(small_window(addr));
     raw.handshake();
     raw
+}
+
+/// Send `name` (TERM, INT, STOP …) to process `pid`.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
 }
 
 /// Send `count` messages of `size` bytes from `sender`, each heard back before the next,
@@ -383,12 +398,8 @@ impl Proc {
         }
     }
 
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+    pub fn signal(&self, name: &str) {
+        signal(self.pid(), name);
     }
 }
 

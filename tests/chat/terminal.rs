@@ -253,13 +253,7 @@ fn ctrl_c_leaves_the_draft_and_the_goodbye_starts_a_line_of_its_own() {
 fn a_second_signal_exits_at_once_and_leaves_the_terminal_as_it_was() {
     let Some(tmux) = tmux() else { return };
     // A server that never answers the close: the first signal leaves the client waiting.
-    let fake = Fake::start(Behaviour {
-        echo: true,
-        echo_delay: ms(0),
-        answer_close: false,
-        history: &[],
-        close_first: false,
-    });
+    let fake = Fake::start(Behaviour::NEVER_ANSWERS_CLOSE);
     let script = format!(
         "{} {}; echo \"exit status $?\"; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon \
          -e icanon -e -echo -e echo; sleep 30",
@@ -269,20 +263,13 @@ fn a_second_signal_exits_at_once_and_leaves_the_terminal_as_it_was() {
     let pane = Pane::start(tmux, &["sh", "-c", &script]);
     pane.wait_for("the prompt", |s| last_is(s, ">"));
     let client = pane.foreground_child();
-    let signal = |name: &str| {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &client.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
-    signal("TERM");
+    signal(client, "TERM");
     assert_eq!(
         fake.seen.recv_timeout(WAIT).expect("the close"),
         Seen::Close(Some(1000))
     );
     // The editor still holds the terminal in raw mode while the client waits.
-    signal("TERM");
+    signal(client, "TERM");
     let screen = pane.wait_for("the settings after the exit", |s| {
         s.iter().any(|l| l == "exit status 130") && s.iter().any(|l| l.ends_with("echo"))
     });

@@ -334,31 +334,19 @@ fn after_the_tls_handshake_a_request_trickled_in_a_record_is_cut_at_the_deadline
     );
 }
 
-#[test]
-fn a_tls_client_that_does_not_read_is_closed_with_1008_and_can_read_it() {
+/// A TLS client of a server with `config` that does not read while another sends 300
+/// messages of 16 KiB: once it reads, everything it was sent must decrypt, an unbroken
+/// prefix up to the close. Returns the close's code and reason, and how many it got.
+fn stalled_tls_client(label: &str, config: ServerConfig) -> (u16, String, usize) {
     const MESSAGES: usize = 300;
-    let pki = Pki::new("slow");
-    // The stalled client's close waits behind the flood: give it time to be read.
-    let config = ServerConfig::default()
-        .queue(8)
-        .rate(0)
-        .close_timeout(WAIT * 3);
+    let pki = Pki::new(label);
     let server = tls_server(&pki, config);
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket
-        .set_recv_buffer_size(4096)
-        .expect("small receive buffer");
-    socket
-        .connect(&server.local_addr().into())
-        .expect("connect");
-    let (mut stalled, _) = wss_on(socket.into(), &pki.ca);
+    let (mut stalled, _) = wss_on(small_window(server.local_addr()), &pki.ca);
     let (mut sender, _) = wss(server.local_addr(), &pki.ca);
     let big = "x".repeat(16 * 1024);
     for i in 0..MESSAGES {
         say(&mut sender, &format!("{i} {big}"));
     }
-    // Everything the stalled client was sent decrypts: an unbroken prefix, then the 1008.
     let (code, reason, texts) = recv_until_close(&mut stalled);
     for (i, text) in texts.iter().enumerate() {
         assert!(
@@ -366,45 +354,32 @@ fn a_tls_client_that_does_not_read_is_closed_with_1008_and_can_read_it() {
             "no gap before the close"
         );
     }
+    assert!(texts.len() < MESSAGES, "cut off early ({})", texts.len());
+    (code, reason, texts.len())
+}
+
+#[test]
+fn a_tls_client_that_does_not_read_is_closed_with_1008_and_can_read_it() {
+    // Reading what waits in the stalled client's socket takes a while: give it time.
+    let config = ServerConfig::default()
+        .queue(8)
+        .rate(0)
+        .close_timeout(WAIT * 3);
+    let (code, reason, _) = stalled_tls_client("slow", config);
     assert_eq!(code, 1008);
     assert!(reason.contains("too slow"), "{reason}");
-    assert!(texts.len() < MESSAGES, "cut off early ({})", texts.len());
 }
 
 #[test]
 fn tls_clients_behind_are_closed_once_their_backlogs_take_the_memory_allowed() {
-    const MESSAGES: usize = 300;
-    let pki = Pki::new("budget");
     // A queue that never fills: only the memory for sealed backlogs can stop it.
     let config = ServerConfig::default()
         .queue(4096)
         .rate(0)
         .max_tls_backlog(256 * 1024)
         .close_timeout(WAIT * 3);
-    let server = tls_server(&pki, config);
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket
-        .set_recv_buffer_size(4096)
-        .expect("small receive buffer");
-    socket
-        .connect(&server.local_addr().into())
-        .expect("connect");
-    let (mut stalled, _) = wss_on(socket.into(), &pki.ca);
-    let (mut sender, _) = wss(server.local_addr(), &pki.ca);
-    let big = "x".repeat(16 * 1024);
-    for i in 0..MESSAGES {
-        say(&mut sender, &format!("{i} {big}"));
-    }
-    let (code, reason, texts) = recv_until_close(&mut stalled);
-    for (i, text) in texts.iter().enumerate() {
-        assert!(
-            text.ends_with(&format!(": {i} {big}")),
-            "no gap before the close"
-        );
-    }
+    let (code, reason, _) = stalled_tls_client("budget", config);
     assert_eq!((code, reason.as_str()), (1008, "too slow: fell behind"));
-    assert!(texts.len() < MESSAGES, "cut off early ({})", texts.len());
 }
 
 #[test]
