@@ -98,7 +98,6 @@ pub(crate) struct Dispatcher<O> {
     /// Visits in a row that left a client up to date with no broadcast since; once it
     /// covers every client there is nothing to write.
     settled: usize,
-    welcome: Frame,
     queue: usize,
     ping_interval: Option<Duration>,
     close_timeout: Duration,
@@ -128,7 +127,6 @@ impl<O: Outlet> Dispatcher<O> {
             ring: Ring::new(config.history),
             pos: 0,
             settled: 0,
-            welcome: message::welcome(),
             queue: config.queue,
             ping_interval: config.ping_interval,
             close_timeout: config.close_timeout,
@@ -261,7 +259,8 @@ impl<O: Outlet> Dispatcher<O> {
         }
     }
 
-    /// Greet the client, replay the history and add it, all before any later broadcast.
+    /// Replay the history to the client and add it, all before any later broadcast. Its
+    /// welcome went out with the handshake's answer, before it joined.
     fn join(&mut self, mut outlet: O) {
         let mut closing_since = None;
         let mut sent = Sent::Done;
@@ -269,10 +268,7 @@ impl<O: Outlet> Dispatcher<O> {
             outlet.close(message::close(CloseCode::Away, "server shutting down"));
             closing_since = Some(Instant::now());
         } else {
-            let greeting: Vec<Frame> = std::iter::once(self.welcome.clone())
-                .chain(self.ring.recent().iter().cloned())
-                .collect();
-            for chunk in greeting.chunks(MAX_BATCH) {
+            for chunk in self.ring.recent().chunks(MAX_BATCH) {
                 sent = outlet.send(chunk);
                 if sent != Sent::Done {
                     break;

@@ -22,6 +22,26 @@ fn the_rfc_example_is_accepted_with_the_rfc_answer() {
 }
 
 #[test]
+fn the_upgrade_answer_carries_the_welcome_right_after_its_head() {
+    let answer = switching("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    let mut headers = [httparse::EMPTY_HEADER; 8];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(len) = response.parse(&answer).expect("parses") else {
+        panic!("the head is incomplete");
+    };
+    assert_eq!(response.code, Some(101));
+    let accept = response
+        .headers
+        .iter()
+        .find(|h| h.name == "Sec-WebSocket-Accept");
+    assert_eq!(
+        accept.map(|h| h.value),
+        Some(&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..])
+    );
+    assert_eq!(&answer[len..], &message::welcome()[..]);
+}
+
+#[test]
 fn a_request_may_have_32_header_lines_and_not_33() {
     let upgrade = |extra: usize| {
         let lines: String = (0..extra).map(|i| format!("X-H{i}: v\r\n")).collect();
