@@ -32,6 +32,7 @@ use super::inbox::{Event, Inbox};
 use super::metrics::{Closed, Metrics};
 use super::peer::PeerId;
 use super::ring::Ring;
+use super::sched;
 use crate::config::{ServerConfig, later};
 use crate::message::{self, Frame};
 
@@ -143,7 +144,7 @@ impl<O: Outlet> Dispatcher<O> {
     /// and every connection thread has ended.
     pub(crate) fn run(mut self, inbox: &Inbox<O>) {
         inbox.listen();
-        run_as_batch();
+        sched::run_as_batch("dispatcher");
         loop {
             if !self.is_idle() {
                 self.take_ready(inbox);
@@ -405,23 +406,6 @@ impl<O: Outlet> Dispatcher<O> {
                 self.settle(i, sent);
             }
         }
-    }
-}
-
-/// Have the kernel schedule the calling thread, the dispatcher, as `SCHED_BATCH`: the same
-/// share of the CPU at the same nice value, but when woken it does not preempt the thread
-/// that woke it. A connection thread that queues a message wakes the dispatcher; preempted
-/// at once, it would run again only to read what its client sent next and wake the
-/// dispatcher again. Left to run, it reads on until it blocks, and the dispatcher then takes
-/// all it queued in one go: one context switch instead of two. With the server on one core
-/// this gave one-to-one chat 15-18% more deliveries/s and a p50 10 µs lower, fan-out
-/// unchanged. (On Linux, process id 0 means the calling thread, not the process.) The
-/// backlog writers the dispatcher starts inherit the policy, which suits them: they move
-/// bulk data to clients that read slowly.
-fn run_as_batch() {
-    if scheduler::set_self_policy(scheduler::Policy::Batch, 0).is_err() {
-        let why = std::io::Error::last_os_error();
-        debug!("the dispatcher runs as a normal thread: SCHED_BATCH was refused ({why})");
     }
 }
 

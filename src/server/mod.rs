@@ -55,6 +55,7 @@ mod metrics;
 mod origin;
 mod peer;
 mod ring;
+mod sched;
 mod tls;
 mod web;
 mod workers;

@@ -145,15 +145,6 @@ fn the_dispatcher_is_scheduled_as_a_batch_thread_and_the_rest_as_started() {
     );
 }
 
-/// The scheduling policy in the stat(5) file at `path`: field 41, counted after the
-/// command name, which may hold spaces and parentheses.
-fn policy(path: &str) -> Option<String> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let (_, tail) = stat.rsplit_once(") ")?;
-    // `tail` starts at field 3.
-    Some(tail.split(' ').nth(41 - 3)?.to_string())
-}
-
 /// The ids of process `pid`'s threads.
 fn thread_ids(pid: u32) -> HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -582,3 +582,12 @@ pub fn line_within<R: BufRead + Send + 'static>(mut output: R) -> (R, String) {
     assert!(ok, "the line could be read");
     (output, line)
 }
+
+/// The scheduling policy in the stat(5) file at `path`: field 41, counted after the
+/// command name, which may hold spaces and parentheses.
+pub fn policy(path: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, tail) = stat.rsplit_once(") ")?;
+    // `tail` starts at field 3.
+    Some(tail.split(' ').nth(41 - 3)?.to_string())
+}

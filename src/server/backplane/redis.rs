@@ -1,11 +1,11 @@
 //! A fleet node's two Redis connections, each on a thread of its own.
 //!
 //! - The **writer** takes the tagged texts this node's clients send from a bounded queue
-//!   and adds them to the stream (`XADD … MAXLEN ~ window`), pipelined in batches. Each
-//!   entry carries this node's id and a sequence number (see [`entry`](super::entry)), so
-//!   a batch sent again after a failure cannot be delivered twice. While Redis is away the
-//!   batch is kept and retried; when the queue is full too, the connection threads wait,
-//!   and TCP slows their clients down: nothing is lost.
+//!   and adds them to the stream (`XADD … MAXLEN ~ window`), all those waiting as one
+//!   entry. Each entry carries this node's id and a sequence number (see
+//!   [`entry`](super::entry)), so an entry sent again after a failure cannot be delivered
+//!   twice. While Redis is away the entry is kept and retried; when the queue is full too,
+//!   the connection threads wait, and TCP slows their clients down: nothing is lost.
 //! - The **reader** blocks in `XREAD` after the last entry it delivered and hands entries
 //!   to the dispatcher, a batch per read, with at most [`BATCHES`] batches waiting there.
 //!   Its first read takes the stream's newest entries (`XREVRANGE`), delivered as the
@@ -39,6 +39,7 @@ use crate::message::{self, Frame};
 use crate::server::inbox::{Batch, Event, Events};
 use crate::server::metrics::{Link, Metrics};
 use crate::server::peer::PeerOutlet;
+use crate::server::sched;
 
 /// Messages that may wait for the writer. Past this, connection threads wait. At the
 /// default largest message (64 KiB) this is 256 MiB in the worst case, and more with a
@@ -50,11 +51,16 @@ const WRITER_QUEUE: usize = 4096;
 /// nodes configured differently still deliver the same sequence.
 const MAX_ENTRY: usize = message::LONGEST_TEXT;
 
-/// Entries sent in one pipeline, at most.
+/// Messages in one entry, at most.
 const WRITE_BATCH: usize = 256;
 
-/// Entries taken in one `XREAD`, at most.
-const READ_COUNT: usize = 1024;
+/// An entry takes no more messages once their texts reach this many bytes (a longer message
+/// goes alone), which bounds what a read of [`READ_COUNT`] entries holds.
+const ENTRY_BYTES: usize = 64 * 1024;
+
+/// Entries taken in one `XREAD`, at most: up to 16 384 messages, or 4 MiB of them and a
+/// message each.
+const READ_COUNT: usize = 64;
 
 /// Batches read and not yet taken by the dispatcher, at most: with [`READ_COUNT`], and the
 /// one read more that waits for a credit, the messages a node holds for a dispatcher that
@@ -501,19 +507,24 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, stop: &Receiver<()>) {
-        let mut batch: Vec<(u64, String)> = Vec::with_capacity(WRITE_BATCH);
+        sched::run_as_batch("Redis writer");
+        let mut unsent = Unsent::default();
         while !stopping(stop) {
             let Some(mut con) = self.con.take(stop) else {
                 continue;
             };
-            let result = if batch.is_empty() {
-                match next_batch(&self.queue, stop, &mut batch, &mut self.next_seq) {
+            let result = if unsent.texts.is_empty() {
+                match next_batch(&self.queue, stop, &mut unsent.texts) {
                     Next::Stop => {
                         self.con.con = Some(con);
                         break;
                     }
                     Next::Idle => ::redis::cmd("PING").exec(&mut con).map_err(Failure::from),
-                    Next::Batch => Ok(()),
+                    Next::Batch => {
+                        self.next_seq += 1;
+                        unsent.seq = self.next_seq;
+                        Ok(())
+                    }
                 }
             } else if let Some(seeded) = &self.seeded {
                 // Not before the reader has seeded; see the module's notes.
@@ -526,9 +537,9 @@ impl Writer {
                 }
                 Ok(())
             } else {
-                let added = add(&mut con, &self.key, self.window, &self.node, &batch);
+                let added = add(&mut con, &self.key, self.window, &self.node, &unsent);
                 if added.is_ok() {
-                    batch.clear();
+                    unsent.texts.clear();
                 }
                 added.map_err(Failure::from)
             };
@@ -536,8 +547,8 @@ impl Writer {
                 break;
             }
         }
-        self.flush(&mut batch);
-        let unsent = batch.len() + self.queue.len();
+        self.flush(&mut unsent);
+        let unsent = unsent.texts.len() + self.queue.len();
         if unsent > 0 {
             warn!("{unsent} messages were not sent to Redis: the server is stopping");
         }
@@ -546,22 +557,33 @@ impl Writer {
 
     /// Stopping with a working connection: send what is waiting, without retrying, so
     /// that the other nodes still get the last messages of this node's clients.
-    fn flush(&mut self, batch: &mut Vec<(u64, String)>) {
+    fn flush(&mut self, unsent: &mut Unsent) {
         let Some(mut con) = self.con.con.take() else {
             return;
         };
         loop {
-            for text in self.queue.try_iter().take(WRITE_BATCH - batch.len()) {
+            if unsent.texts.is_empty() {
+                fill(&self.queue, &mut unsent.texts);
+                if unsent.texts.is_empty() {
+                    return;
+                }
                 self.next_seq += 1;
-                batch.push((self.next_seq, text));
+                unsent.seq = self.next_seq;
             }
-            if batch.is_empty() || add(&mut con, &self.key, self.window, &self.node, batch).is_err()
-            {
+            if add(&mut con, &self.key, self.window, &self.node, unsent).is_err() {
                 return;
             }
-            batch.clear();
+            unsent.texts.clear();
         }
     }
+}
+
+/// The messages of the next entry, and its sequence number. Kept as they are until Redis
+/// has them: a retry must be the same entry, for readers to know it for a repeat.
+#[derive(Default)]
+struct Unsent {
+    seq: u64,
+    texts: Vec<String>,
 }
 
 enum Next {
@@ -569,58 +591,53 @@ enum Next {
     Stop,
     /// Nothing to send for a while.
     Idle,
-    /// `batch` has messages.
+    /// `texts` has messages.
     Batch,
 }
 
 /// Wait for the next message, then take what else is waiting, up to a batch.
-fn next_batch(
-    queue: &Receiver<String>,
-    stop: &Receiver<()>,
-    batch: &mut Vec<(u64, String)>,
-    next_seq: &mut u64,
-) -> Next {
-    let mut push = |text| {
-        *next_seq += 1;
-        batch.push((*next_seq, text));
-    };
+fn next_batch(queue: &Receiver<String>, stop: &Receiver<()>, texts: &mut Vec<String>) -> Next {
     crossbeam_channel::select! {
         recv(queue) -> text => match text {
-            Ok(text) => push(text),
+            Ok(text) => texts.push(text),
             Err(_) => return Next::Stop,
         },
         recv(stop) -> _ => return Next::Stop,
         default(IDLE_PING) => return Next::Idle,
     }
-    for text in queue.try_iter().take(WRITE_BATCH - 1) {
-        push(text);
-    }
+    fill(queue, texts);
     Next::Batch
 }
 
-/// `XADD` every message of `batch`, in order, in one pipeline.
+/// Take the messages waiting, up to a batch: [`WRITE_BATCH`] messages, or until they reach
+/// [`ENTRY_BYTES`].
+fn fill(queue: &Receiver<String>, texts: &mut Vec<String>) {
+    let mut bytes: usize = texts.iter().map(String::len).sum();
+    while texts.len() < WRITE_BATCH && bytes < ENTRY_BYTES {
+        let Ok(text) = queue.try_recv() else {
+            return;
+        };
+        bytes += text.len();
+        texts.push(text);
+    }
+}
+
+/// Add the messages of `unsent` to the stream as one entry: one command, all or nothing.
 fn add(
     con: &mut Connection,
     key: &str,
     window: u64,
     node: &str,
-    batch: &[(u64, String)],
+    unsent: &Unsent,
 ) -> Result<(), RedisError> {
-    // All or nothing: were one XADD in the middle refused (out of memory, say), a retry of
-    // the whole batch would put it after the later ones, where readers take it for a repeat.
-    let mut pipe = ::redis::pipe();
-    pipe.atomic();
-    for (seq, text) in batch {
-        pipe.cmd("XADD")
-            .arg(key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(window)
-            .arg("*")
-            .arg(&entry::fields(node, &seq.to_string(), text))
-            .ignore();
-    }
-    pipe.exec(con)
+    ::redis::cmd("XADD")
+        .arg(key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(window)
+        .arg("*")
+        .arg(entry::fields(node, &unsent.seq.to_string(), &unsent.texts))
+        .exec(con)
 }
 
 struct Reader {
@@ -649,6 +666,7 @@ enum Flow {
 
 impl Reader {
     fn run(mut self, stop: &Receiver<()>) {
+        sched::run_as_batch("Redis reader");
         while !stopping(stop) {
             let Some(mut con) = self.con.take(stop) else {
                 continue;
@@ -675,9 +693,9 @@ impl Reader {
     /// broadcasts before all others: the history of every later joiner, and of any client
     /// that joined before it (when the ring was still empty).
     ///
-    /// It reads a batch's worth more than the history, so that repeats of a retried batch
-    /// and entries of other programs do not make this node's history shorter than the
-    /// others'. After a loss the repeat filter starts afresh: the sequences it remembers
+    /// It reads as many entries as the history has messages (an entry holds one or more),
+    /// and [`WRITE_BATCH`] more, so that repeats of a retried entry and entries of other
+    /// programs do not make this node's history shorter than the others'. After a loss the repeat filter starts afresh: the sequences it remembers
     /// belong to a stream that is gone.
     fn seed(
         &mut self,
@@ -699,9 +717,7 @@ impl Reader {
         self.last = Some("0-0".to_string());
         let mut frames: Vec<Frame> = Vec::with_capacity(newest_first.len());
         for item in newest_first.into_iter().rev() {
-            let (id, frame) = self.accept(item);
-            self.last = Some(id);
-            frames.extend(frame);
+            self.last = Some(self.accept(item, &mut frames));
         }
         frames.drain(..frames.len().saturating_sub(self.history));
         let flow = if lost {
@@ -761,9 +777,7 @@ impl Reader {
         }
         let mut frames = Vec::with_capacity(items.len());
         for item in items {
-            let (id, frame) = self.accept(item);
-            self.last = Some(id);
-            frames.extend(frame);
+            self.last = Some(self.accept(item, &mut frames));
         }
         Ok(self.deliver(frames, stop))
     }
@@ -786,30 +800,35 @@ impl Reader {
         }
     }
 
-    /// A stream entry's ID, and the frame to deliver for it: `None` for a repeat or an
-    /// entry that is not a chat message of ours.
-    fn accept(&mut self, item: Item) -> (String, Option<Frame>) {
+    /// A stream entry's ID, having added its frames to deliver to `frames`: none for a
+    /// repeat or an entry that is not a chat message of ours.
+    fn accept(&mut self, item: Item, frames: &mut Vec<Frame>) -> String {
         match item {
-            Ok(entry) if entry.text.len() > MAX_ENTRY => {
-                warn!(
-                    "skipped stream entry {}: its text is over {MAX_ENTRY} bytes, longer than \
-                     any node of ours writes",
-                    entry.id
-                );
-                (entry.id, None)
-            }
             Ok(entry) if !self.dedupe.is_new(entry.origin) => {
                 self.metrics.redis_duplicates.inc();
                 debug!(
                     "dropped stream entry {}: a repeat of a retried XADD",
                     entry.id
                 );
-                (entry.id, None)
+                entry.id
             }
-            Ok(entry) => (entry.id, Some(message::text("", &entry.text))),
+            Ok(entry) => {
+                for text in &entry.texts {
+                    if text.len() > MAX_ENTRY {
+                        warn!(
+                            "skipped a message of stream entry {}: its text is over \
+                             {MAX_ENTRY} bytes, longer than any node of ours writes",
+                            entry.id
+                        );
+                        continue;
+                    }
+                    frames.push(message::text("", text));
+                }
+                entry.id
+            }
             Err((id, Malformed(why))) => {
                 warn!("skipped stream entry {id}: {why}");
-                (id, None)
+                id
             }
         }
     }
