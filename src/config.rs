@@ -136,8 +136,9 @@ pub struct RedisConfig {
     /// The stream's key. Default `broadcast-chat`; nodes with the same key share a room.
     pub key: String,
     /// Entries the stream keeps (approximately, `MAXLEN ~`). Default 10 000, at least 100.
-    /// A node away for longer than this many messages cannot resume, and restarts its
-    /// clients (1012).
+    /// An entry holds the messages a node's writer found waiting at once, one when the room
+    /// is quiet, up to 256 or 16 KiB of text. A node away for longer than this many entries
+    /// cannot resume, and restarts its clients (1012).
     pub window: u64,
 }
 

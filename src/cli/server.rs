@@ -142,8 +142,9 @@ pub struct ServerArgs {
           value_parser = redis_key, requires = "redis")]
     redis_key: String,
 
-    /// Messages the stream keeps so that a node can resume after losing Redis, 100 to
-    /// 10000000; a node away longer restarts its clients (1012)
+    /// Stream entries kept so that a node can resume after losing Redis (an entry holds
+    /// what a node's clients sent at once), 100 to 10000000; a node away longer restarts
+    /// its clients (1012)
     #[arg(long, value_name = "N", default_value_t = 10_000, requires = "redis",
           value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
     redis_window: u64,

@@ -78,7 +78,11 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
         }
     }
     match handshake::handshake(peer.wire(), deadline, context) {
-        Ok(Outcome::Upgraded { leftover, slot }) => {
+        Ok(Outcome::Upgraded {
+            leftover,
+            slot,
+            answer,
+        }) => {
             drop(pending);
             let session = Session {
                 peer,
@@ -87,7 +91,7 @@ pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
                 _slot: slot,
             };
             // The session shuts the socket down itself as it ends, whichever way.
-            session.run(leftover);
+            session.run(leftover, answer);
             return;
         }
         Ok(Outcome::Answered { status, detail }) => {
@@ -181,11 +185,11 @@ struct Session<'a> {
     _slot: Slot<'a>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     /// Never inlined into the connection thread's body, whose frame sits under the
     /// handshake's: keeping the two apart keeps an idle client's thread to two stack pages.
     #[inline(never)]
-    fn run(mut self, leftover: Vec<u8>) {
+    fn run(mut self, leftover: Vec<u8>, answer: Frame) {
         let peer = self.peer;
         // From here on, reads wait for the client as long as keepalive allows (whatever
         // timeout the socket had: the listening socket's, which it inherits, or the
@@ -207,7 +211,12 @@ impl Session<'_> {
             self.context.config.queue,
             Arc::clone(&self.context.backlogs),
         );
-        if self.context.events.send(Event::Join(outlet)).is_err() {
+        if self
+            .context
+            .events
+            .send(Event::Join(outlet, answer))
+            .is_err()
+        {
             peer.abort();
             return;
         }
@@ -252,27 +261,7 @@ impl Session<'_> {
     }
 
     fn read_until_end(&self, leftover: Vec<u8>) -> End {
-        let config = &self.context.config;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
-            .max_message_size(Some(config.max_message_size))
-            .max_frame_size(Some(config.max_message_size));
-        let mut counter = FrameCounter::default();
-        let inbound = Inbound {
-            wire: self.peer.wire(),
-            flood: Flood {
-                bucket: Bucket::new(config.rate, config.burst, Instant::now()),
-                told: false,
-                peer: self.peer,
-                rate: config.rate,
-                // The frames the handshake read past the request, paid for with the next.
-                unpaid: counter.feed(&leftover),
-            },
-            counter,
-        };
-        let mut ws =
-            WebSocket::from_partially_read(inbound, leftover, Role::Server, Some(ws_config));
+        let mut ws = self.websocket(leftover);
         let tag = message::sender_tag(self.peer.addr);
         loop {
             let message = match ws.read() {
@@ -328,6 +317,38 @@ impl Session<'_> {
                 };
             }
         }
+    }
+
+    /// The client's side of the WebSocket, on the heap and built in a frame of its own:
+    /// on the stack, under every blocking read, its few hundred bytes pushed each idle
+    /// client's thread into a third resident stack page (4 KiB more per client).
+    #[inline(never)]
+    fn websocket(&self, leftover: Vec<u8>) -> Box<WebSocket<Inbound<'a>>> {
+        let config = &self.context.config;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        let mut counter = FrameCounter::default();
+        let inbound = Inbound {
+            wire: self.peer.wire(),
+            flood: Flood {
+                bucket: Bucket::new(config.rate, config.burst, Instant::now()),
+                told: false,
+                peer: self.peer,
+                rate: config.rate,
+                // The frames the handshake read past the request, paid for with the next.
+                unpaid: counter.feed(&leftover),
+            },
+            counter,
+        };
+        Box::new(WebSocket::from_partially_read(
+            inbound,
+            leftover,
+            Role::Server,
+            Some(ws_config),
+        ))
     }
 
     fn failed(&self, error: WsError) -> End {
@@ -489,10 +510,20 @@ impl Read for Inbound<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = self.wire.read(buf)?;
         if self.flood.bucket.is_some() {
-            let frames = self.counter.feed(&buf[..read]);
-            self.flood.frames(frames);
+            self.pay(&buf[..read]);
         }
         Ok(read)
+    }
+}
+
+impl Inbound<'_> {
+    /// Pay for the frames that began in `bytes`. Never inlined: flood control's frame (its
+    /// log line, its sleep) inlined into `read` sat under every blocking read, and pushed
+    /// each idle client's thread into a third resident stack page (4 KiB more per client).
+    #[inline(never)]
+    fn pay(&mut self, bytes: &[u8]) {
+        let frames = self.counter.feed(bytes);
+        self.flood.frames(frames);
     }
 }
 

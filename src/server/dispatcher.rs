@@ -208,7 +208,7 @@ impl<O: Outlet> Dispatcher<O> {
             Event::Broadcast(frame) => self.broadcast([frame]),
             Event::Broadcasts(mut batch) => self.broadcast(batch.frames.drain(..)),
             Event::Restart(frames) => self.restart(frames),
-            Event::Join(outlet) => self.join(outlet),
+            Event::Join(outlet, answer) => self.join(outlet, answer),
             Event::Pong(id, frame) => {
                 if let Some(i) = self.index.get(&id).copied() {
                     let sent = self.clients[i].outlet.send(std::slice::from_ref(&frame));
@@ -260,16 +260,21 @@ impl<O: Outlet> Dispatcher<O> {
         }
     }
 
-    /// Replay the history to the client and add it, all before any later broadcast. Its
-    /// welcome went out with the handshake's answer, before it joined.
-    fn join(&mut self, mut outlet: O) {
+    /// Answer the client's handshake (the 101 and the welcome), replay the history and add
+    /// it, all before any later broadcast, and in one write when the history is short: the
+    /// answer waits for the join, so a client that has it is in the room.
+    fn join(&mut self, mut outlet: O, answer: Frame) {
         let mut closing_since = None;
         let mut sent = Sent::Done;
         if self.stopping {
+            let _ = outlet.send(&[answer]);
             outlet.close(message::close(CloseCode::Away, "server shutting down"));
             closing_since = Some(Instant::now());
         } else {
-            for chunk in self.ring.recent().chunks(MAX_BATCH) {
+            let greeting: Vec<Frame> = std::iter::once(answer)
+                .chain(self.ring.recent().iter().cloned())
+                .collect();
+            for chunk in greeting.chunks(MAX_BATCH) {
                 sent = outlet.send(chunk);
                 if sent != Sent::Done {
                     break;

@@ -15,8 +15,9 @@ use crate::message::Frame;
 /// (see [`super::dispatcher::Outlet`]).
 #[derive(Debug)]
 pub(crate) enum Event<O> {
-    /// A client finished its handshake: greet it, replay the history, add it.
-    Join(O),
+    /// A client's handshake is valid: send it the answer given (the 101 and the welcome),
+    /// replay the history, add it.
+    Join(O, Frame),
     /// A tagged text frame to append to the history and send to everyone.
     Broadcast(Frame),
     /// Frames read together from a fleet's stream (see [`backplane`](super::backplane)), in

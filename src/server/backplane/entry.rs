@@ -42,6 +42,14 @@ impl Entry {
     }
 }
 
+/// The stream ID of an entry read, usable or not.
+pub(crate) fn id(item: &Item) -> &str {
+    match item {
+        Ok(entry) => &entry.id,
+        Err((id, _)) => id,
+    }
+}
+
 /// A node's id as its entries carry it.
 pub(crate) fn node_field(node: u64) -> String {
     format!("{node:016x}")

@@ -54,19 +54,23 @@ const MAX_ENTRY: usize = message::LONGEST_TEXT;
 /// Messages in one entry, at most.
 const WRITE_BATCH: usize = 256;
 
-/// An entry takes no more messages once their texts reach this many bytes (a longer message
-/// goes alone), which bounds what a read of [`READ_COUNT`] entries holds.
-const ENTRY_BYTES: usize = 64 * 1024;
+/// An entry takes no more messages once their texts reach this many bytes, so it holds at
+/// most this and one message more. It bounds what Redis keeps (`--redis-window` entries)
+/// and what a read holds.
+const ENTRY_BYTES: usize = 16 * 1024;
 
-/// Entries taken in one `XREAD`, at most: up to 16 384 messages, or 4 MiB of them and a
-/// message each.
-const READ_COUNT: usize = 64;
+/// Entries taken in one `XREAD`, at most: up to 1 024 messages, as many as one entry per
+/// message took before, so that a batch for the dispatcher is no larger.
+const READ_COUNT: usize = 4;
+
+/// Entries taken in one `XREVRANGE` while seeding the history.
+const SEED_PAGE: usize = 64;
 
 /// Batches read and not yet taken by the dispatcher, at most: with [`READ_COUNT`], and the
 /// one read more that waits for a credit, the messages a node holds for a dispatcher that
 /// falls behind. The rest waits in Redis (and past `--redis-window`, the node restarts its
 /// clients rather than miss any). A first read, or the history after Redis lost data, is
-/// at most `--history` messages.
+/// at most `--history` messages (see [`Reader::newest`] for what it reads).
 const BATCHES: usize = 4;
 
 /// How long `XREAD` blocks in Redis. It bounds how long the reader takes to notice that
@@ -251,8 +255,8 @@ impl Fleet {
     }
 }
 
-/// A Redis client for `url`, with `TCP_NODELAY`: the writer's small pipelines must not
-/// wait for the previous reply's acknowledgement.
+/// A Redis client for `url`, with `TCP_NODELAY`: the writer's small entries must not wait
+/// for the previous reply's acknowledgement.
 pub(crate) fn client(url: &str) -> Result<Client> {
     let invalid = |reason: String| Error::Redis {
         url: redacted(url),
@@ -693,33 +697,29 @@ impl Reader {
     /// broadcasts before all others: the history of every later joiner, and of any client
     /// that joined before it (when the ring was still empty).
     ///
-    /// It reads as many entries as the history has messages (an entry holds one or more),
-    /// and [`WRITE_BATCH`] more, so that repeats of a retried entry and entries of other
-    /// programs do not make this node's history shorter than the others'. After a loss the repeat filter starts afresh: the sequences it remembers
-    /// belong to a stream that is gone.
+    /// After a loss the repeat filter starts afresh: the sequences it remembers belong to a
+    /// stream that is gone.
     fn seed(
         &mut self,
         con: &mut Connection,
         lost: bool,
         stop: &Receiver<()>,
     ) -> Result<Flow, Failure> {
-        let reply: Value = ::redis::cmd("XREVRANGE")
-            .arg(&self.key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(self.history + WRITE_BATCH)
-            .query(con)?;
+        let newest_first = self.newest(con)?;
         if lost {
             self.dedupe = Dedupe::default();
         }
-        let newest_first = entry::entries(reply)?;
         self.last = Some("0-0".to_string());
-        let mut frames: Vec<Frame> = Vec::with_capacity(newest_first.len());
+        let mut texts = Vec::new();
         for item in newest_first.into_iter().rev() {
-            self.last = Some(self.accept(item, &mut frames));
+            let (id, admitted) = self.admit(item);
+            self.last = Some(id);
+            texts.extend(admitted);
         }
-        frames.drain(..frames.len().saturating_sub(self.history));
+        let frames: Vec<Frame> = texts[texts.len().saturating_sub(self.history)..]
+            .iter()
+            .map(|text| message::text("", text))
+            .collect();
         let flow = if lost {
             match self.events.send(Event::Restart(frames)) {
                 Ok(()) => Flow::Go,
@@ -762,7 +762,7 @@ impl Reader {
             error!(
                 "Redis no longer has entry {last} of stream {:?}, the last this node \
                  delivered: Redis restarted empty, or this node was away for longer than \
-                 --redis-window messages. Messages may have been lost in between, so this \
+                 --redis-window entries. Messages may have been lost in between, so this \
                  node's clients are restarted (1012) and will see the room's history as \
                  Redis has it now",
                 self.key
@@ -777,7 +777,9 @@ impl Reader {
         }
         let mut frames = Vec::with_capacity(items.len());
         for item in items {
-            self.last = Some(self.accept(item, &mut frames));
+            let (id, admitted) = self.admit(item);
+            self.last = Some(id);
+            frames.extend(admitted.iter().map(|text| message::text("", text)));
         }
         Ok(self.deliver(frames, stop))
     }
@@ -800,9 +802,45 @@ impl Reader {
         }
     }
 
-    /// A stream entry's ID, having added its frames to deliver to `frames`: none for a
-    /// repeat or an entry that is not a chat message of ours.
-    fn accept(&mut self, item: Item, frames: &mut Vec<Frame>) -> String {
+    /// The stream's newest entries, newest first: enough to hold the history and
+    /// [`WRITE_BATCH`] messages more, so that repeats of a retried entry and entries of
+    /// other programs do not make this node's history shorter than the others'. Read a page
+    /// at a time, so that what is read stays about that many messages, however many an
+    /// entry holds.
+    fn newest(&self, con: &mut Connection) -> Result<Vec<Item>, Failure> {
+        let wanted = self.history + WRITE_BATCH;
+        let (mut items, mut texts) = (Vec::new(), 0);
+        let mut end = "+".to_string();
+        loop {
+            let reply: Value = ::redis::cmd("XREVRANGE")
+                .arg(&self.key)
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(SEED_PAGE + 1)
+                .query(con)?;
+            let mut page = entry::entries(reply)?;
+            // Each page after the first starts with the last entry of the one before.
+            if end != "+" && page.first().map(entry::id) == Some(end.as_str()) {
+                let _repeated = page.remove(0);
+            }
+            let Some(oldest) = page.last().map(|item| entry::id(item).to_string()) else {
+                break;
+            };
+            texts += page.iter().flatten().map(|e| e.texts.len()).sum::<usize>();
+            let more = page.len() == SEED_PAGE + usize::from(end == "+");
+            items.extend(page);
+            if !more || texts >= wanted {
+                break;
+            }
+            end = oldest;
+        }
+        Ok(items)
+    }
+
+    /// A stream entry's ID, and its texts to deliver: none for a repeat or an entry that is
+    /// not a chat message of ours.
+    fn admit(&mut self, item: Item) -> (String, Vec<String>) {
         match item {
             Ok(entry) if !self.dedupe.is_new(entry.origin) => {
                 self.metrics.redis_duplicates.inc();
@@ -810,25 +848,25 @@ impl Reader {
                     "dropped stream entry {}: a repeat of a retried XADD",
                     entry.id
                 );
-                entry.id
+                (entry.id, Vec::new())
             }
-            Ok(entry) => {
-                for text in &entry.texts {
-                    if text.len() > MAX_ENTRY {
+            Ok(mut entry) => {
+                entry.texts.retain(|text| {
+                    let fits = text.len() <= MAX_ENTRY;
+                    if !fits {
                         warn!(
                             "skipped a message of stream entry {}: its text is over \
                              {MAX_ENTRY} bytes, longer than any node of ours writes",
                             entry.id
                         );
-                        continue;
                     }
-                    frames.push(message::text("", text));
-                }
-                entry.id
+                    fits
+                });
+                (entry.id, entry.texts)
             }
             Err((id, Malformed(why))) => {
                 warn!("skipped stream entry {id}: {why}");
-                id
+                (id, Vec::new())
             }
         }
     }

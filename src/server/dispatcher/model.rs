@@ -4,7 +4,7 @@
 //! that record what each client would have read. Then, for every client:
 //!
 //! - one global order: what it got is a contiguous run of the broadcasts, in order;
-//! - atomic join: exactly the history as it stood at its join (the last
+//! - atomic join: the welcome, then exactly the history as it stood at its join (the last
 //!   `history` broadcasts, or of a restart's history and the broadcasts since), then every
 //!   later broadcast, with no gap and no duplicate; nothing of a restart's history;
 //! - a restart closes every client with 1012 after the data before it;
@@ -210,7 +210,7 @@ fn check(ops: &[Op], history: usize) {
                     },
                     after_shutdown: shut_down,
                 });
-                dispatcher.handle(Event::Join(outlet));
+                dispatcher.handle(Event::Join(outlet, message::welcome()));
             }
             Op::Leave { who, close } if !live.is_empty() => {
                 let client = &mut clients[live.remove(who % live.len())];
@@ -298,12 +298,20 @@ fn check_client(client: &Client, sent: &[Frame]) {
     let wire = client.wire.lock();
     let who = format!("client {}", client.id);
     if client.after_shutdown {
-        assert!(wire.frames.is_empty(), "{who}: nothing after shutdown");
+        assert_eq!(
+            wire.frames,
+            [message::welcome()],
+            "{who}: only the answer after shutdown"
+        );
         assert_eq!(wire.close.as_ref().map(close_code), Some(1001), "{who}");
         return;
     }
-    let data: Vec<&Frame> = wire
-        .frames
+    assert_eq!(
+        wire.frames.first(),
+        Some(&message::welcome()),
+        "{who}: welcome first"
+    );
+    let data: Vec<&Frame> = wire.frames[1..]
         .iter()
         .filter(|f| !matches!(f[0], 0x89 | 0x8A))
         .collect();
@@ -439,7 +447,7 @@ fn a_first_read_is_the_early_joiners_history_and_a_restart_restarts_everyone() {
             wire: Arc::clone(&wire),
             room: None,
         };
-        dispatcher.handle(Event::Join(outlet));
+        dispatcher.handle(Event::Join(outlet, message::welcome()));
         wire
     };
     let text = |n: u32| message::text("10.0.0.9:9: ", &format!("m{n}"));
@@ -457,20 +465,28 @@ fn a_first_read_is_the_early_joiners_history_and_a_restart_restarts_everyone() {
     while !dispatcher.is_idle() {
         dispatcher.visit();
     }
+    let welcome = message::welcome();
     assert_eq!(
         early.lock().frames,
-        [text(10), text(11), text(12), text(1), text(2)],
+        [
+            welcome.clone(),
+            text(10),
+            text(11),
+            text(12),
+            text(1),
+            text(2)
+        ],
         "a client that joined before the first read is sent all of it"
     );
     assert_eq!(
         late.lock().frames,
-        [text(12), text(1), text(2)],
+        [welcome.clone(), text(12), text(1), text(2)],
         "a later joiner gets the last `history` of the ring"
     );
     for wire in [&early, &late] {
         let close = wire.lock().close.clone().expect("closed");
         assert_eq!(close_code(&close), 1012);
     }
-    assert_eq!(after.lock().frames, [text(20)]);
+    assert_eq!(after.lock().frames, [welcome, text(20)]);
     assert!(after.lock().close.is_none(), "a joiner after a reset stays");
 }
