@@ -223,7 +223,7 @@ impl<'a> Session<'a> {
         self.joined = true;
         info!("{} joined", peer.addr);
 
-        let end = self.read_until_end(leftover);
+        let end = self.read_until_end(self.websocket(leftover), &message::sender_tag(peer.addr));
         let answering_ours = peer.is_closing();
         self.joined = false;
         if !answering_ours && !peer.is_cut() {
@@ -260,63 +260,72 @@ impl<'a> Session<'a> {
         info!("{} left: {why}", peer.addr);
     }
 
-    fn read_until_end(&self, leftover: Vec<u8>) -> End {
-        let mut ws = self.websocket(leftover);
-        let tag = message::sender_tag(self.peer.addr);
+    /// Never inlined, like what it calls for each message and each error: the read loop's
+    /// frame sits under every blocking read, and kept apart it holds only what reading
+    /// needs, which keeps an idle client's thread to two resident stack pages.
+    #[inline(never)]
+    fn read_until_end(&self, mut ws: Box<WebSocket<Inbound<'a>>>, tag: &str) -> End {
         loop {
-            let message = match ws.read() {
-                Ok(message) => message,
-                Err(e) => return self.failed(e),
+            let end = match ws.read() {
+                Ok(message) => self.take(&mut ws, message, tag),
+                Err(e) => Some(self.failed(e)),
             };
-            if self.peer.is_cut() {
-                return End::Dropped {
-                    why: "cut by the server".to_string(),
-                };
-            }
-            self.peer.heard();
-            // Every message a client can send costs a token, pongs too: unasked-for pongs
-            // cost the server as much to read as anything else.
-            let counts = !matches!(message, Message::Close(_));
-            if counts && !ws.get_mut().flood.hold_back() {
-                return End::Dropped {
-                    why: "cut by the server".to_string(),
-                };
-            }
-            let event = match message {
-                Message::Text(text) => {
-                    debug!("{} says {:?}", self.peer.addr, text.as_str());
-                    self.context.metrics.received.inc();
-                    let published =
-                        self.context
-                            .backplane
-                            .publish(&self.context.events, &tag, &text, |wait| {
-                                self.peer.heard_until(wait)
-                            });
-                    if published.is_err() {
-                        return End::Dropped {
-                            why: "the server stopped".to_string(),
-                        };
-                    }
-                    continue;
-                }
-                Message::Ping(payload) => Event::Pong(self.peer.id, message::pong(&payload)),
-                Message::Pong(_) => continue,
-                Message::Close(frame) => return closed_by_client(frame),
-                Message::Binary(_) => {
-                    return fail(
-                        CloseCode::Unsupported,
-                        "binary messages are not supported; send text",
-                        "sent a binary message",
-                    );
-                }
-                Message::Frame(_) => continue,
-            };
-            if self.context.events.send(event).is_err() {
-                return End::Dropped {
-                    why: "the server stopped".to_string(),
-                };
+            if let Some(end) = end {
+                return end;
             }
         }
+    }
+
+    /// Act on one message from the client: `None` to read on.
+    #[inline(never)]
+    fn take(&self, ws: &mut WebSocket<Inbound<'a>>, message: Message, tag: &str) -> Option<End> {
+        let cut = || {
+            Some(End::Dropped {
+                why: "cut by the server".to_string(),
+            })
+        };
+        if self.peer.is_cut() {
+            return cut();
+        }
+        self.peer.heard();
+        // Every message a client can send costs a token, pongs too: unasked-for pongs
+        // cost the server as much to read as anything else.
+        let counts = !matches!(message, Message::Close(_));
+        if counts && !ws.get_mut().flood.hold_back() {
+            return cut();
+        }
+        let stopped = || {
+            Some(End::Dropped {
+                why: "the server stopped".to_string(),
+            })
+        };
+        let event = match message {
+            Message::Text(text) => {
+                debug!("{} says {:?}", self.peer.addr, text.as_str());
+                self.context.metrics.received.inc();
+                let published =
+                    self.context
+                        .backplane
+                        .publish(&self.context.events, tag, &text, |wait| {
+                            self.peer.heard_until(wait)
+                        });
+                return if published.is_err() { stopped() } else { None };
+            }
+            Message::Ping(payload) => Event::Pong(self.peer.id, message::pong(&payload)),
+            Message::Pong(_) | Message::Frame(_) => return None,
+            Message::Close(frame) => return Some(closed_by_client(frame)),
+            Message::Binary(_) => {
+                return Some(fail(
+                    CloseCode::Unsupported,
+                    "binary messages are not supported; send text",
+                    "sent a binary message",
+                ));
+            }
+        };
+        if self.context.events.send(event).is_err() {
+            return stopped();
+        }
+        None
     }
 
     /// The client's side of the WebSocket, on the heap and built in a frame of its own:
@@ -351,6 +360,7 @@ impl<'a> Session<'a> {
         ))
     }
 
+    #[inline(never)]
     fn failed(&self, error: WsError) -> End {
         let limit = self.context.config.max_message_size;
         match error {

@@ -170,6 +170,7 @@ impl Workers {
 impl Shared {
     /// Start a thread that serves `first`, or without one, waits for a connection (and
     /// counts as waiting from now), if fewer than `limit` threads run.
+    #[inline(never)]
     fn spawn(shared: &Arc<Shared>, first: Option<Job>, limit: usize) -> io::Result<()> {
         // Under the lock, so that no thread is joined before its handle is kept, and none
         // starts once `stop` has taken the handles.
