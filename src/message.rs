@@ -78,7 +78,7 @@ pub(crate) fn text(tag: &str, text: &str) -> Frame {
     Bytes::from(out)
 }
 
-/// The welcome frame, shared by every join.
+/// The welcome frame, which follows every upgrade's 101.
 pub(crate) fn welcome() -> Frame {
     text("", WELCOME)
 }
