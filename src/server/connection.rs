@@ -60,8 +60,8 @@ pub(crate) struct Context {
 }
 
 /// The body of a connection thread. `pending` is the connection's room for its handshake,
-/// held until the client has joined or the connection ends (including the linger after an
-/// HTTP answer, which also holds a thread).
+/// held until its request has been read and found a valid upgrade, or the connection ends
+/// (including the linger after an HTTP answer, which also holds a thread).
 pub(crate) fn run(peer: &Arc<Peer>, context: &Context, pending: Pending) {
     let config = &context.config;
     let deadline = later(Instant::now(), config.handshake_timeout);

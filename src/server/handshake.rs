@@ -8,7 +8,8 @@
 //! one byte a second is cut off too.
 //!
 //! What to answer is decided by [`reply`], a pure function of the bytes received (tested
-//! with arbitrary input); [`handshake`] only reads, asks it, and writes.
+//! with arbitrary input); [`handshake`] only reads, asks it, and writes the answer, except
+//! to a valid upgrade, whose 101 the dispatcher sends as the client joins.
 //!
 //! The upgrade makes the checks tungstenite's `create_response` makes and answers with
 //! tungstenite's `derive_accept_key`, but reads the headers in place rather than building
@@ -114,8 +115,9 @@ pub(crate) struct Response<'s> {
     body: Cow<'s, [u8]>,
 }
 
-/// Read one request from `stream` and answer it, all before `deadline`. A valid upgrade
-/// also needs a place in the chat from the context's admission.
+/// Read one request from `stream` and answer it, all before `deadline`; a valid upgrade,
+/// which also needs a place in the chat from the context's admission, is answered by the
+/// dispatcher instead (see [`Outcome::Upgraded`]).
 ///
 /// # Errors
 /// Fails when the deadline passes or the socket fails.

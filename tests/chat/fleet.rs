@@ -227,6 +227,46 @@ fn a_node_started_later_shows_the_same_history_as_the_others() {
     assert_eq!(history(first.local_addr()), expected);
 }
 
+#[test]
+fn a_node_seeds_its_history_from_entries_of_several_messages_and_pages_of_them() {
+    let Some(redis) = Redis::start() else { return };
+    let mut con = redis.connect();
+    // As a busy writer adds them: 300 entries of 3 messages each, more than a page (64),
+    // and an entry repeated as a retry would repeat it, which must not be shown twice.
+    let entry = |seq: u64| {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&redis.key)
+            .arg("*")
+            .arg("n")
+            .arg("00000000000000aa");
+        xadd.arg("s").arg(seq);
+        for m in 0..3 {
+            xadd.arg("m").arg(format!("a: {seq}.{m}"));
+        }
+        xadd
+    };
+    for seq in 1..=300 {
+        entry(seq).exec(&mut con).expect("XADD");
+    }
+    entry(300).exec(&mut con).expect("XADD the repeat");
+    let node = redis.node();
+    let (mut ws, _) = join(node.local_addr());
+    let expected: Vec<String> = (295..=300)
+        .flat_map(|seq| (0..3).map(move |m| format!("a: {seq}.{m}")))
+        .skip(2)
+        .collect();
+    assert_eq!(
+        texts(&mut ws, 16),
+        expected,
+        "the last 16 messages, once each"
+    );
+    send(&mut ws, "live");
+    assert!(
+        recv_text(&mut ws).ends_with(": live"),
+        "nothing of the history follows it"
+    );
+}
+
 /// A node takes clients before it has read the stream (Redis is slow to answer as it
 /// starts): they are shown the room's history as soon as the node has it.
 #[test]

@@ -820,6 +820,7 @@ impl Reader {
                 .arg(SEED_PAGE + 1)
                 .query(con)?;
             let mut page = entry::entries(reply)?;
+            let more = page.len() == SEED_PAGE + 1;
             // Each page after the first starts with the last entry of the one before.
             if end != "+" && page.first().map(entry::id) == Some(end.as_str()) {
                 let _repeated = page.remove(0);
@@ -828,9 +829,10 @@ impl Reader {
                 break;
             };
             texts += page.iter().flatten().map(|e| e.texts.len()).sum::<usize>();
-            let more = page.len() == SEED_PAGE + usize::from(end == "+");
             items.extend(page);
-            if !more || texts >= wanted {
+            // Entries of ours hold a message at least: as many entries as messages wanted
+            // is enough, and bounds the read when the key holds entries of other programs.
+            if !more || texts >= wanted || items.len() >= wanted {
                 break;
             }
             end = oldest;
