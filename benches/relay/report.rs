@@ -112,6 +112,12 @@ impl Report {
             r.reached,
             r.broadcast_ms
         );
+        if let Some(s) = r.stacks {
+            println!(
+                "{scenario} thread stacks: {} mappings of {} KiB, {} of them with {} KiB resident",
+                s.count, s.size_kib, s.with_that, s.rss_kib
+            );
+        }
         self.record(
             scenario,
             &[

@@ -17,6 +17,7 @@ pub struct Connections {
     pub connects_per_s: f64,
     pub rss_kib_per_connection: f64,
     pub server_threads: u64,
+    pub stacks: Option<procfs::StackResidency>,
     pub broadcast_ms: f64,
     pub reached: usize,
 }
@@ -42,6 +43,7 @@ pub fn connections(target: &Target, count: usize, threads: usize) -> io::Result<
     let connected: usize = groups.iter().map(Vec::len).sum();
     let rss_after = procfs::rss_kib(&target.pid);
     let server_threads = procfs::threads(&target.pid);
+    let stacks = procfs::stack_residency(&target.pid);
 
     let (reached, last) = reach_all(groups)?;
     Ok(Connections {
@@ -51,6 +53,7 @@ pub fn connections(target: &Target, count: usize, threads: usize) -> io::Result<
         rss_kib_per_connection: rss_after.saturating_sub(rss_before) as f64
             / connected.max(1) as f64,
         server_threads,
+        stacks,
         broadcast_ms: last.as_secs_f64() * 1e3,
         reached,
     })
