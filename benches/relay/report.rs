@@ -114,7 +114,8 @@ impl Report {
         );
         if let Some(s) = r.stacks {
             println!(
-                "{scenario} thread stacks: {} mappings of {} KiB, {} of them with {} KiB resident",
+                "{scenario} same-size mappings (thread stacks, with a thread per client): {} of \
+                 {} KiB, {} of them with {} KiB resident",
                 s.count, s.size_kib, s.with_that, s.rss_kib
             );
         }
