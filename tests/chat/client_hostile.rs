@@ -116,35 +116,41 @@ fn a_server_that_falls_silent_is_pinged_then_given_up_on() {
     );
 }
 
-/// The client against `url` with `--keepalive SECS`, fed lines of 1000 bytes until it
-/// stops reading them.
-fn sending_without_end(url: &str, keepalive: &str) -> std::process::Output {
-    let mut command = client(url);
+/// The client with `--keepalive SECS`, fed lines of 1000 bytes until it stops reading
+/// them, against a server that upgrades it and then runs `serve`, given a channel that
+/// ends (and its waits with it) once the client has exited. Returns the client's output
+/// and what it printed on stderr.
+fn sending_without_end(
+    keepalive: &str,
+    serve: impl FnOnce(TcpStream, &Receiver<()>) + Send + 'static,
+) -> (std::process::Output, String) {
+    let (done, hold) = crossbeam_channel::bounded::<()>(0);
+    let (url, server) = one_client(true, move |stream| serve(stream, &hold));
+    let mut command = client(&url);
     command.args(["--keepalive", keepalive, "--no-confirm"]);
     let line = "x".repeat(1000);
-    fed(
+    let output = fed(
         &mut command,
         move |stdin| {
             while writeln!(stdin, "{line}").is_ok() {}
         },
-    )
+    );
+    drop(done);
+    server.join().expect("server");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output, stderr)
 }
 
 #[test]
 fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
-    let (done, hold) = crossbeam_channel::bounded::<()>(0);
-    let (url, server) = one_client(true, move |stream| {
+    let (output, stderr) = sending_without_end("1", |stream, hold| {
         // Hold the connection without a word or a byte read until the test is over.
         let _ = hold.recv_timeout(WAIT * 2);
         drop(stream);
     });
-    let output = sending_without_end(&url, "1");
-    drop(done);
-    server.join().expect("server");
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     // Found by the reader's keepalive, which cuts the socket under the stuck send, or by
     // the send itself when it stalls with nothing heard.
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("not even an answer to a ping")
             || stderr.contains("took none of our data, and said nothing"),
@@ -154,8 +160,9 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
 
 #[test]
 fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
-    let (done, hold) = crossbeam_channel::bounded::<()>(0);
-    let (url, server) = one_client(true, move |stream| {
+    // A keepalive longer than the server's first wait: it is the end of stream that must
+    // end it.
+    let (output, stderr) = sending_without_end("3", |stream, hold| {
         // Never a byte read; once the client's sends are stuck (its 4 KiB are full long
         // before), its end of the conversation (a FIN), and no reset.
         let _ = hold.recv_timeout(ms(1500));
@@ -163,12 +170,7 @@ fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
         let _ = hold.recv_timeout(WAIT * 2);
         drop(stream);
     });
-    // A keepalive longer than the wait above: it is the end of stream that must end it.
-    let output = sending_without_end(&url, "3");
-    drop(done);
-    server.join().expect("server");
     assert_eq!(output.status.code(), Some(3), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("closed the connection"), "{stderr}");
 }
 
