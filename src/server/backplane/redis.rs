@@ -59,15 +59,21 @@ const WRITE_BATCH: usize = 256;
 /// and what a read holds.
 const ENTRY_BYTES: usize = 16 * 1024;
 
-/// Entries taken in one `XREAD`, at most: up to 1 024 messages, as many as one entry per
-/// message took before, so that a batch for the dispatcher is no larger.
-const READ_COUNT: usize = 4;
+/// Entries taken in one `XREAD`, at most: 64 messages when the writers are quiet (an entry
+/// each), up to 16 384 when they are busy, and at most 64 × [`ENTRY_BYTES`] of text and a
+/// message each.
+const READ_COUNT: usize = 64;
+
+/// Messages in one batch for the dispatcher, at most: a read that brings more is handed
+/// over in several, each taking a credit, so that no client is sent more at once than a
+/// read of one message per entry brought before entries held several.
+const BATCH_MESSAGES: usize = 1024;
 
 /// Entries taken in one `XREVRANGE` while seeding the history.
 const SEED_PAGE: usize = 64;
 
-/// Batches read and not yet taken by the dispatcher, at most: with [`READ_COUNT`], and the
-/// one read more that waits for a credit, the messages a node holds for a dispatcher that
+/// Batches read and not yet taken by the dispatcher, at most: with [`BATCH_MESSAGES`], and
+/// the rest of the read that waits for a credit, the messages a node holds for a dispatcher that
 /// falls behind. The rest waits in Redis (and past `--redis-window`, the node restarts its
 /// clients rather than miss any). A first read, or the history after Redis lost data, is
 /// at most `--history` messages (see [`Reader::newest`] for what it reads).
@@ -525,8 +531,7 @@ impl Writer {
                     }
                     Next::Idle => ::redis::cmd("PING").exec(&mut con).map_err(Failure::from),
                     Next::Batch => {
-                        self.next_seq += 1;
-                        unsent.seq = self.next_seq;
+                        unsent.number(&mut self.next_seq);
                         Ok(())
                     }
                 }
@@ -571,8 +576,7 @@ impl Writer {
                 if unsent.texts.is_empty() {
                     return;
                 }
-                self.next_seq += 1;
-                unsent.seq = self.next_seq;
+                unsent.number(&mut self.next_seq);
             }
             if add(&mut con, &self.key, self.window, &self.node, unsent).is_err() {
                 return;
@@ -588,6 +592,14 @@ impl Writer {
 struct Unsent {
     seq: u64,
     texts: Vec<String>,
+}
+
+impl Unsent {
+    /// Give the texts just taken the writer's next sequence number.
+    fn number(&mut self, next_seq: &mut u64) {
+        *next_seq += 1;
+        self.seq = *next_seq;
+    }
 }
 
 enum Next {
@@ -775,7 +787,8 @@ impl Reader {
         if let Some(millis) = items.last().and_then(|item| item.as_ref().ok()?.millis()) {
             self.metrics.redis_lag(millis);
         }
-        let mut frames = Vec::with_capacity(items.len());
+        let texts = items.iter().flatten().map(|e| e.texts.len()).sum();
+        let mut frames = Vec::with_capacity(texts);
         for item in items {
             let (id, admitted) = self.admit(item);
             self.last = Some(id);
@@ -784,22 +797,23 @@ impl Reader {
         Ok(self.deliver(frames, stop))
     }
 
-    /// Hand `frames` to the dispatcher as one batch, once it has taken enough of those
-    /// before that a credit is free.
-    fn deliver(&self, frames: Vec<Frame>, stop: &Receiver<()>) -> Flow {
-        if frames.is_empty() {
-            return Flow::Go;
+    /// Hand `frames` to the dispatcher in batches of at most [`BATCH_MESSAGES`], each once
+    /// it has taken enough of those before that a credit is free.
+    fn deliver(&self, mut frames: Vec<Frame>, stop: &Receiver<()>) -> Flow {
+        while !frames.is_empty() {
+            let rest = frames.split_off(frames.len().min(BATCH_MESSAGES));
+            // The credits never run dry for good: this reader holds a sender of them itself.
+            crossbeam_channel::select! {
+                recv(self.credits) -> _ => {}
+                recv(stop) -> _ => return Flow::Stop,
+            }
+            let batch = Batch::new(frames, self.credit.clone());
+            if self.events.send(Event::Broadcasts(batch)).is_err() {
+                return Flow::Stop;
+            }
+            frames = rest;
         }
-        // The credits never run dry for good: this reader holds a sender of them itself.
-        crossbeam_channel::select! {
-            recv(self.credits) -> _ => {}
-            recv(stop) -> _ => return Flow::Stop,
-        }
-        let batch = Batch::new(frames, self.credit.clone());
-        match self.events.send(Event::Broadcasts(batch)) {
-            Ok(()) => Flow::Go,
-            Err(_) => Flow::Stop,
-        }
+        Flow::Go
     }
 
     /// The stream's newest entries, newest first: enough to hold the history and
@@ -933,7 +947,7 @@ mod tests {
         let (_running, never) = crossbeam_channel::bounded::<()>(0);
         for _ in 0..BATCHES {
             assert!(matches!(
-                reader.deliver(frames(READ_COUNT), &never),
+                reader.deliver(frames(BATCH_MESSAGES), &never),
                 Flow::Go
             ));
         }
@@ -952,5 +966,24 @@ mod tests {
             assert!(matches!(reader.deliver(frames(1), &never), Flow::Go));
         }
         assert!(matches!(reader.deliver(Vec::new(), &stopped), Flow::Go));
+    }
+
+    #[test]
+    fn a_large_read_goes_to_the_dispatcher_in_bounded_batches_in_order() {
+        let (events, inbox) = inbox::channel::<PeerOutlet>(64);
+        let reader = reader(events);
+        let (_running, never) = crossbeam_channel::bounded::<()>(0);
+        let read = frames(2 * BATCH_MESSAGES + 5);
+        assert!(matches!(reader.deliver(read.clone(), &never), Flow::Go));
+        let batches: Vec<Vec<Frame>> = inbox
+            .ready(usize::MAX)
+            .map(|event| match event {
+                Event::Broadcasts(batch) => batch.frames.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [BATCH_MESSAGES, BATCH_MESSAGES, 5]);
+        assert_eq!(batches.concat(), read);
     }
 }
