@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 
 use tungstenite::Bytes;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -78,9 +79,10 @@ pub(crate) fn text(tag: &str, text: &str) -> Frame {
     Bytes::from(out)
 }
 
-/// The welcome frame, which follows every upgrade's 101.
+/// The welcome frame, which follows every upgrade's 101: made once, shared by reference.
 pub(crate) fn welcome() -> Frame {
-    text("", WELCOME)
+    static FRAME: LazyLock<Frame> = LazyLock::new(|| text("", WELCOME));
+    FRAME.clone()
 }
 
 /// A ping with an empty payload: the server's keepalive probe.

@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use log::LevelFilter;
 
 use crate::config::{MAX_QUEUE, RedisConfig, ServerConfig, TlsFiles};
+use crate::message::LONGEST_MESSAGE;
 use crate::server::Origin;
 
 /// A WebSocket broadcast chat server: every text message a client sends goes to every
@@ -43,7 +44,7 @@ pub struct ServerArgs {
     /// Largest text message a client may send, 1 to 16777216; larger ones are closed with
     /// 1009
     #[arg(long, value_name = "BYTES", default_value_t = 65536,
-          value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
+          value_parser = clap::value_parser!(u32).range(1..=LONGEST_MESSAGE as i64))]
     max_message_size: u32,
 
     /// Messages that may wait for a client whose socket buffer is full, 1 to 65536; a client

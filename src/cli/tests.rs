@@ -30,7 +30,7 @@ fn numeric_options() -> Vec<Numeric> {
         },
         Numeric {
             flag: "--max-message-size",
-            range: 1..=16 * 1024 * 1024,
+            range: 1..=crate::message::LONGEST_MESSAGE as i64,
             value: |c| n(c.max_message_size),
         },
         Numeric {

@@ -77,12 +77,13 @@ pub(crate) enum Outcome<'a> {
 /// 101 reaches it. 10 000 clients reconnecting at once: 30-33 µs of server CPU each instead
 /// of 35–42 (README, Connection storms).
 fn switching(accept: &str) -> Frame {
-    let mut answer = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
-         Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .into_bytes();
-    answer.extend_from_slice(&message::welcome());
+    const HEAD: &str = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                        Upgrade: websocket\r\nSec-WebSocket-Accept: ";
+    let welcome = message::welcome();
+    let mut answer = Vec::with_capacity(HEAD.len() + accept.len() + 4 + welcome.len());
+    for part in [HEAD.as_bytes(), accept.as_bytes(), b"\r\n\r\n", &welcome] {
+        answer.extend_from_slice(part);
+    }
     Frame::from(answer)
 }
 
@@ -128,13 +129,12 @@ pub(crate) fn handshake<'a>(
 ) -> io::Result<Outcome<'a>> {
     let (site, admission) = (context.site.as_ref(), &*context.admission);
     let mut buf = Vec::with_capacity(1024);
-    let deadline = Deadline { at: deadline };
     loop {
-        if read_more(wire, &mut buf, &deadline)? == 0 {
+        if read_more(wire, &mut buf, deadline)? == 0 {
             return Ok(Outcome::Vanished);
         }
         if wire.tls.is_none() && buf.first() == Some(&HANDSHAKE_RECORD) {
-            write_before(wire, &deadline, &HANDSHAKE_FAILURE_ALERT)?;
+            write_before(wire, deadline, &HANDSHAKE_FAILURE_ALERT)?;
             return Ok(Outcome::TlsOnPlaintext);
         }
         let response = match reply(&buf, site, &admission.origins) {
@@ -158,7 +158,7 @@ pub(crate) fn handshake<'a>(
                 }
             },
         };
-        write_before(wire, &deadline, &response.to_bytes())?;
+        write_before(wire, deadline, &response.to_bytes())?;
         return Ok(Outcome::Answered {
             status: response.status,
             detail: response.detail,
@@ -392,21 +392,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The handshake's deadline. The socket's own timeouts are never relied on: they may be
-/// the listening socket's, which the accepted socket inherits (see `workers`).
-struct Deadline {
-    at: Instant,
-}
-
 /// Read what has arrived into `buf`, waiting no later than the deadline. What is there
 /// already is read without setting a timeout, which saves a system call on most
 /// connections: a request usually arrives with its connection.
-fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: &Deadline) -> io::Result<usize> {
+///
+/// The socket's own timeouts are never relied on: they may be the listening socket's, which
+/// the accepted socket inherits (see `workers`).
+fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
     let len = buf.len();
     buf.resize(MAX_HEAD.min(len + 1024), 0);
     let result = match wire.read_now(&mut buf[len..]) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => loop {
-            wire.sock.set_read_timeout(Some(time_left(deadline.at)?))?;
+            wire.sock.set_read_timeout(Some(time_left(deadline)?))?;
             match wire.read(&mut buf[len..]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 result => break result,
@@ -420,12 +417,12 @@ fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: &Deadline) -> io::Resu
 
 /// Write `bytes` before the deadline: at once if the socket takes them all, as it
 /// nearly always does with an answer this small.
-fn write_before(wire: Wire<'_>, deadline: &Deadline, bytes: &[u8]) -> io::Result<()> {
+fn write_before(wire: Wire<'_>, deadline: Instant, bytes: &[u8]) -> io::Result<()> {
     let sent = wire.write_now(bytes)?;
     if sent == bytes.len() {
         return Ok(());
     }
-    wire.sock.set_write_timeout(Some(time_left(deadline.at)?))?;
+    wire.sock.set_write_timeout(Some(time_left(deadline)?))?;
     wire.write_all(&bytes[sent..]).map_err(timed_out)
 }
 
