@@ -304,11 +304,7 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
     // When the last ping went out, as when the server was last heard from then.
     let mut pinged: Option<u64> = None;
     loop {
-        let read = ws.read();
-        if read.is_ok() {
-            pinged = None;
-        }
-        match read {
+        match ws.read() {
             Ok(Message::Text(text)) => {
                 let own = confirm.observe(&text);
                 if let Err(e) = sink.message(&text, own) {
@@ -351,10 +347,11 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
                         live.keepalive.unwrap_or_default().as_secs() * 2
                     ));
                 }
-                if let Err(e) = ws.get_ref().ping_unless_closed() {
-                    return Ending::Lost(format!("cannot ping the server: {e}"));
+                match ws.get_ref().ping_unless_closed() {
+                    Ok(true) => pinged = Some(heard),
+                    Ok(false) => {}
+                    Err(e) => return Ending::Lost(format!("cannot ping the server: {e}")),
                 }
-                pinged = Some(heard);
             }
             Err(WsError::Io(e)) if is_disconnect(&e) => return Ending::Lost(e.to_string()),
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
@@ -430,16 +427,18 @@ impl Shared {
 
     /// A keepalive ping (empty, masked as a client's frames must be), unless a close went
     /// out already: checked under the write lock, so that no ping can follow our close.
-    /// Not while a send holds the lock: that send waits for the server itself.
-    fn ping_unless_closed(&self) -> io::Result<()> {
+    /// Not while a send holds the lock: that send waits for the server itself. Returns
+    /// whether a ping went out.
+    fn ping_unless_closed(&self) -> io::Result<bool> {
         let Some(_guard) = self.write_lock.try_lock() else {
-            return Ok(());
+            return Ok(false);
         };
         if self.live.sent_close.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(false);
         }
         let mask = RandomState::new().hash_one(Instant::now()).to_le_bytes();
-        self.send_patiently(&[0x89, 0x80, mask[0], mask[1], mask[2], mask[3]])
+        self.send_patiently(&[0x89, 0x80, mask[0], mask[1], mask[2], mask[3]])?;
+        Ok(true)
     }
 
     /// Send all of `bytes` (sealed first, over TLS), under the write lock. A send that
@@ -467,9 +466,11 @@ impl Shared {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    // Unread data says the server is alive only while the reader will read it.
+                    // Unread data says the server is alive only while the reader will read it:
+                    // not once it has ended, nor while the reader itself waits here (its ping,
+                    // a pong, its answer to a close), or it would wait on it forever.
                     let patience = self.live.keepalive.unwrap_or(Duration::MAX);
-                    let reading = self.live.reading.load(Ordering::Acquire);
+                    let reading = !self.reader && self.live.reading.load(Ordering::Acquire);
                     if self.live.silent_for() < patience || (reading && has_unread(&self.stream)) {
                         continue;
                     }
@@ -538,6 +539,65 @@ impl Write for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reader's own write (a ping, say) into a full socket, while a server that never
+    /// reads keeps talking: the data waiting unread is the reader's to read, and it is
+    /// stuck here, so it must not count as the server being heard from.
+    #[test]
+    fn the_readers_own_stuck_write_gives_up_though_data_waits_unread() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        SockRef::from(&server)
+            .set_recv_buffer_size(4096)
+            .expect("small window");
+        let keepalive = Duration::from_millis(200);
+        client.set_write_timeout(Some(keepalive)).expect("timeout");
+        let (done, talking) = crossbeam_channel::bounded::<()>(0);
+        let talker = thread::spawn(move || {
+            // Talks, never reads, until the test is over (or 10 s at most).
+            for _ in 0..500 {
+                if talking.recv_timeout(Duration::from_millis(20)).is_ok()
+                    || (&server).write_all(b"x").is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let born = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .expect("a second ago");
+        let shared = Shared {
+            stream: Arc::new(client),
+            tls: None,
+            write_lock: Arc::new(Mutex::new(())),
+            deadline: None,
+            live: Arc::new(Liveness {
+                born,
+                heard_ms: AtomicU64::new(0),
+                stalled: AtomicBool::new(false),
+                sent_close: AtomicBool::new(false),
+                reading: AtomicBool::new(true),
+                answered: AtomicBool::new(false),
+                keepalive: Some(keepalive),
+            }),
+            reader: true,
+        };
+        let (result_tx, result) = crossbeam_channel::bounded(1);
+        let writer = {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                let _ = result_tx.send(shared.send_patiently(&vec![0u8; 64 << 20]).is_err());
+            })
+        };
+        let gave_up = result.recv_timeout(Duration::from_secs(10));
+        drop(done);
+        let _ = shared.stream.shutdown(Shutdown::Both);
+        writer.join().expect("writer");
+        talker.join().expect("talker");
+        assert_eq!(gave_up, Ok(true), "the stuck write gives up");
+        assert!(shared.live.stalled.load(Ordering::Acquire));
+    }
 
     #[test]
     fn a_refusal_is_one_short_escaped_line_without_the_status_twice() {

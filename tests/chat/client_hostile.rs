@@ -149,11 +149,10 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
         drop(stream);
     });
     assert_eq!(output.status.code(), Some(3), "{output:?}");
-    // Found by the reader's keepalive, which cuts the socket under the stuck send, or by
-    // the send itself when it stalls with nothing heard.
+    // Found by the send itself, stalled with nothing heard (the reader does not ping while
+    // a send holds the connection).
     assert!(
-        stderr.contains("not even an answer to a ping")
-            || stderr.contains("took none of our data, and said nothing"),
+        stderr.contains("took none of our data, and said nothing"),
         "{stderr}"
     );
 }
