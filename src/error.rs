@@ -173,6 +173,15 @@ pub(crate) fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
+/// Whether `e` is a socket timeout running out: the kernel says `WouldBlock` (`EAGAIN`)
+/// for a blocking socket's timeout, and some paths `TimedOut`.
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// The time left until `deadline`, for a socket timeout; `TimedOut` once it has passed.
 pub(crate) fn time_left(deadline: std::time::Instant) -> io::Result<std::time::Duration> {
     let left = deadline.saturating_duration_since(std::time::Instant::now());

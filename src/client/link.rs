@@ -37,7 +37,7 @@ use super::console::Sink;
 use super::tls::Connector;
 use super::url::Target;
 use crate::config::{ClientConfig, later};
-use crate::error::{Error, Result, is_disconnect, time_left};
+use crate::error::{Error, Result, is_disconnect, is_timeout, time_left};
 use crate::message::{LONGEST_TEXT, printable};
 use crate::tls::{Tls, Wire};
 
@@ -241,12 +241,7 @@ fn handshake_error(url: &str, error: HandshakeError<ClientHandshake<Shared>>) ->
             let detail = refusal_detail(status.as_str(), &String::from_utf8_lossy(body));
             format!("the server refused the WebSocket handshake: HTTP {status}{detail}")
         }
-        HandshakeError::Failure(WsError::Io(e))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
+        HandshakeError::Failure(WsError::Io(e)) if is_timeout(&e) => {
             "the server did not answer the handshake in time".to_string()
         }
         HandshakeError::Failure(e) => format!("the WebSocket handshake failed: {e}"),
@@ -332,12 +327,7 @@ fn read_until_end(mut ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm)
                 };
             }
             Ok(_) => {}
-            Err(WsError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(WsError::Io(e)) if is_timeout(&e) => {
                 // Nothing at all since the ping, a whole keepalive ago (a long message
                 // trickling in is no silence, though it has not ended yet: ping again).
                 let heard = live.heard_ms.load(Ordering::Relaxed);
@@ -460,12 +450,7 @@ impl Shared {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => rest = &rest[n..],
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if is_timeout(&e) => {
                     // Unread data says the server is alive only while the reader will read it:
                     // not once it has ended, nor while the reader itself waits here (its ping,
                     // a pong, its answer to a close), or it would wait on it forever.

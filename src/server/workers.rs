@@ -38,6 +38,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use socket2::SockRef;
 
+use crate::error::is_timeout;
+
 /// Work for a connection thread: one connection, start to end.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
@@ -278,14 +280,7 @@ impl Shared {
             }
             let short = match accepted {
                 Ok(connection) => return Some(connection),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    false
-                }
+                Err(e) if is_timeout(&e) => false,
                 Err(e) => {
                     let vigil = Vigil(shared);
                     let short = shared.gate.failed(&e);
