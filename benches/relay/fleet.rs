@@ -77,7 +77,8 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
         .query(&mut redis);
     let length: redis::RedisResult<u64> = redis::cmd("XLEN").arg(&key).query(&mut redis);
     println!(
-        "redis    CPU {cpu:.2} s over the six runs; stream {key}: {} entries, {} bytes",
+        "redis    CPU {cpu:.2} s over the six runs and node B's start; stream {key}: {} \
+         entries, {} bytes",
         length.map_or_else(|e| e.to_string(), |n| n.to_string()),
         memory.map_or_else(|e| e.to_string(), |m| m.unwrap_or(0).to_string()),
     );

@@ -119,18 +119,24 @@ impl Report {
                 s.count, s.size_kib, s.with_that, s.rss_kib
             );
         }
-        self.record(
-            scenario,
-            &[
-                ("requested", r.requested as f64),
-                ("connected", r.connected as f64),
-                ("connects_per_s", r.connects_per_s),
-                ("rss_kib_per_connection", r.rss_kib_per_connection),
-                ("server_threads", r.server_threads as f64),
-                ("reached", r.reached as f64),
-                ("broadcast_ms", r.broadcast_ms),
-            ],
-        );
+        let mut fields = vec![
+            ("requested", r.requested as f64),
+            ("connected", r.connected as f64),
+            ("connects_per_s", r.connects_per_s),
+            ("rss_kib_per_connection", r.rss_kib_per_connection),
+            ("server_threads", r.server_threads as f64),
+            ("reached", r.reached as f64),
+            ("broadcast_ms", r.broadcast_ms),
+        ];
+        if let Some(s) = r.stacks {
+            fields.extend([
+                ("stacks", s.count as f64),
+                ("stack_kib", s.size_kib as f64),
+                ("stack_rss_kib", s.rss_kib as f64),
+                ("stacks_with_that_rss", s.with_that as f64),
+            ]);
+        }
+        self.record(scenario, &fields);
     }
 
     pub fn storm(&mut self, r: &Storm) {
