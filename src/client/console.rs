@@ -127,9 +127,15 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
         let read = (&mut input)
             .take(longest)
             .read_until(b'\n', &mut line)
-            .and_then(|n| match line.len() as u64 {
-                len if len == longest && !line.ends_with(b"\n") => skip_line(&mut input),
-                _ => Ok(Some(n)),
+            .and_then(|n| {
+                let too_long = line.len() as u64 == longest && !line.ends_with(b"\n");
+                // The rest of a line too long is read and dropped, through its newline.
+                Ok(if too_long {
+                    input.skip_until(b'\n')?;
+                    None
+                } else {
+                    Some(n)
+                })
             });
         match read {
             Ok(Some(0)) => break,
@@ -165,27 +171,6 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
         }
     }
     let _ = lines.send(Input::End);
-}
-
-/// Read and drop the rest of a line that is too long, through its newline; `None` to say
-/// it was skipped.
-fn skip_line(input: &mut impl BufRead) -> io::Result<Option<usize>> {
-    loop {
-        let buffer = input.fill_buf()?;
-        if buffer.is_empty() {
-            return Ok(None);
-        }
-        match buffer.iter().position(|&b| b == b'\n') {
-            Some(end) => {
-                input.consume(end + 1);
-                return Ok(None);
-            }
-            None => {
-                let all = buffer.len();
-                input.consume(all);
-            }
-        }
-    }
 }
 
 /// Whether the reader of `output` has gone away (`client URL | head -1` after `head`
