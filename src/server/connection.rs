@@ -194,12 +194,15 @@ impl<'a> Session<'a> {
         // From here on, reads wait for the client as long as keepalive allows (whatever
         // timeout the socket had: the listening socket's, which it inherits, or the
         // handshake's), and a backlog writer's blocked write gives up after --write-timeout
-        // without progress.
-        let write_timeout = Some(self.context.config.write_timeout).filter(|t| !t.is_zero());
-        let timeouts = peer
-            .stream
-            .set_read_timeout(None)
-            .and(peer.stream.set_write_timeout(write_timeout));
+        // without progress: the write timeout the socket inherits (see `listen`), unless
+        // the TLS handshake set its own.
+        let cleared = peer.stream.set_read_timeout(None);
+        let timeouts = if self.context.tls.is_some() {
+            let write_timeout = Some(self.context.config.write_timeout).filter(|t| !t.is_zero());
+            cleared.and(peer.stream.set_write_timeout(write_timeout))
+        } else {
+            cleared
+        };
         if let Err(e) = timeouts {
             debug!("{}: cannot set the socket timeouts: {e}", peer.addr);
             peer.abort();
