@@ -549,10 +549,37 @@ mod tests {
                 }
             }
         });
+        let shared = link(client, keepalive, true);
+        let gave_up = send_stuck(&shared);
+        drop(done);
+        talker.join().expect("talker");
+        assert_eq!(gave_up, Ok(true), "the stuck write gives up");
+        assert!(shared.live.stalled.load(Ordering::Acquire));
+    }
+
+    /// The sender's write into a socket a silent server never reads: after the keepalive
+    /// time with nothing heard it gives up, and the link counts as stalled (what the
+    /// client then says: the server took none of our data).
+    #[test]
+    fn a_send_stuck_with_nothing_heard_gives_up_after_the_keepalive() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let keepalive = Duration::from_millis(200);
+        client.set_write_timeout(Some(keepalive)).expect("timeout");
+        let shared = link(client, keepalive, false);
+        let gave_up = send_stuck(&shared);
+        drop(server);
+        assert_eq!(gave_up, Ok(true), "the stuck send gives up");
+        assert!(shared.live.stalled.load(Ordering::Acquire));
+    }
+
+    /// One side of a link over `client`, last heard from when it was born a second ago.
+    fn link(client: TcpStream, keepalive: Duration, reader: bool) -> Shared {
         let born = Instant::now()
             .checked_sub(Duration::from_secs(1))
             .expect("a second ago");
-        let shared = Shared {
+        Shared {
             stream: Arc::new(client),
             tls: None,
             write_lock: Arc::new(Mutex::new(())),
@@ -566,8 +593,13 @@ mod tests {
                 answered: AtomicBool::new(false),
                 keepalive: Some(keepalive),
             }),
-            reader: true,
-        };
+            reader,
+        }
+    }
+
+    /// Send 64 MiB, more than any socket buffers, on a thread: whether the send failed,
+    /// or a timeout when it had not ended within 10 s. The socket is shut down after.
+    fn send_stuck(shared: &Shared) -> Result<bool, crossbeam_channel::RecvTimeoutError> {
         let (result_tx, result) = crossbeam_channel::bounded(1);
         let writer = {
             let shared = shared.clone();
@@ -576,12 +608,9 @@ mod tests {
             })
         };
         let gave_up = result.recv_timeout(Duration::from_secs(10));
-        drop(done);
         let _ = shared.stream.shutdown(Shutdown::Both);
         writer.join().expect("writer");
-        talker.join().expect("talker");
-        assert_eq!(gave_up, Ok(true), "the stuck write gives up");
-        assert!(shared.live.stalled.load(Ordering::Acquire));
+        gave_up
     }
 
     #[test]

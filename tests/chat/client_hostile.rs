@@ -149,10 +149,13 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
         drop(stream);
     });
     assert_eq!(output.status.code(), Some(3), "{output:?}");
-    // Found by the send itself, stalled with nothing heard (the reader does not ping while
-    // a send holds the connection).
+    // Found by the send, stalled with nothing heard, or by the reader, when it pinged
+    // before the sends were stuck (on loopback the send buffer grows to megabytes first,
+    // which under load can take a debug build over a second). The send's own verdict has
+    // a unit test (`link::tests`).
     assert!(
-        stderr.contains("took none of our data, and said nothing"),
+        stderr.contains("took none of our data, and said nothing")
+            || stderr.contains("sent nothing for 2 s, not even an answer to a ping"),
         "{stderr}"
     );
 }
