@@ -417,6 +417,9 @@ fn read_more(wire: Wire<'_>, buf: &mut Vec<u8>, deadline: Instant) -> io::Result
 
 /// Write `bytes` before the deadline: at once if the socket takes them all, as it
 /// nearly always does with an answer this small.
+///
+/// Only for answers after which the connection ends: a session keeps the write timeout
+/// the socket inherited (see `Session::run`), which the deadline set here would replace.
 fn write_before(wire: Wire<'_>, deadline: Instant, bytes: &[u8]) -> io::Result<()> {
     let sent = wire.write_now(bytes)?;
     if sent == bytes.len() {

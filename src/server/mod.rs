@@ -290,16 +290,20 @@ impl Drop for Server {
 /// A listening socket with room for a burst of connections: `std` listens with a backlog
 /// of 128, and ten thousand clients connecting at once would see SYNs dropped and retried
 /// a second later.
-/// Listen on `addr`. Every accepted socket inherits the listening socket's options (on
-/// Linux), so those each connection needs are set here once: `TCP_NODELAY` (a chat message
-/// is small and should go out at once) and the write timeout (a blocked write gives up
-/// after `write_timeout` without progress; zero is none). Set per connection, they took two
-/// of the dozen system calls a connection costs the server.
+///
+/// Every accepted socket inherits the listening socket's options (on Linux), so those each
+/// connection needs are set here once: `TCP_NODELAY` (a chat message is small and should go
+/// out at once) and the write timeout (a blocked write gives up after `write_timeout`
+/// without progress; zero is none, and less than a microsecond is one, as `std` has it).
+/// Set per connection, they took two of the twenty system calls a connection cost.
 fn listen(addr: SocketAddr, write_timeout: Duration) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_tcp_nodelay(true)?;
-    socket.set_write_timeout(Some(write_timeout).filter(|t| !t.is_zero()))?;
+    let write_timeout = Some(write_timeout)
+        .filter(|t| !t.is_zero())
+        .map(|t| t.max(Duration::from_micros(1)));
+    socket.set_write_timeout(write_timeout)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
