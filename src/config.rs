@@ -296,6 +296,14 @@ impl ServerConfig {
         self
     }
 
+    /// [`Self::write_timeout`] as a socket takes it: `None` for zero (no limit), and at
+    /// least a microsecond, the finest a socket timeout is.
+    pub(crate) fn socket_write_timeout(&self) -> Option<Duration> {
+        Some(self.write_timeout)
+            .filter(|t| !t.is_zero())
+            .map(|t| t.max(Duration::from_micros(1)))
+    }
+
     /// Set [`Self::close_timeout`].
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;

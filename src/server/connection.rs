@@ -197,9 +197,11 @@ impl<'a> Session<'a> {
         // without progress: the write timeout the socket inherits (see `listen`), unless
         // the TLS handshake set its own.
         let cleared = peer.stream.set_read_timeout(None);
-        let timeouts = if self.context.tls.is_some() {
-            let write_timeout = Some(self.context.config.write_timeout).filter(|t| !t.is_zero());
-            cleared.and(peer.stream.set_write_timeout(write_timeout))
+        let timeouts = if peer.tls.get().is_some() {
+            cleared.and(
+                peer.stream
+                    .set_write_timeout(self.context.config.socket_write_timeout()),
+            )
         } else {
             cleared
         };

@@ -118,10 +118,11 @@ impl Server {
     /// keeps trying.
     pub fn with_config(config: ServerConfig) -> Result<Server> {
         let tls = config.tls.clone().map(ServerTls::load).transpose()?;
-        let listener = listen(config.bind, config.write_timeout).map_err(|source| Error::Bind {
-            addr: config.bind,
-            source,
-        })?;
+        let listener =
+            listen(config.bind, config.socket_write_timeout()).map_err(|source| Error::Bind {
+                addr: config.bind,
+                source,
+            })?;
         let local_addr = listener.local_addr()?;
         let listener = Arc::new(listener);
         let (events, inbox) = inbox::channel(EVENT_QUEUE);
@@ -144,7 +145,11 @@ impl Server {
             }
         };
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let backlogs = Backlogs::new(config.max_writers, config.max_tls_backlog);
+        let backlogs = Backlogs::new(
+            config.max_writers,
+            config.max_tls_backlog,
+            config.socket_write_timeout(),
+        );
         let context = Arc::new(Context {
             admission: Arc::new(Admission::new(&config)),
             site: Site::new(&config),
@@ -294,15 +299,12 @@ impl Drop for Server {
 /// Every accepted socket inherits the listening socket's options (on Linux), so those each
 /// connection needs are set here once: `TCP_NODELAY` (a chat message is small and should go
 /// out at once) and the write timeout (a blocked write gives up after `write_timeout`
-/// without progress; zero is none, and less than a microsecond is one, as `std` has it).
-/// Set per connection, they took two of the twenty system calls a connection cost.
-fn listen(addr: SocketAddr, write_timeout: Duration) -> io::Result<TcpListener> {
+/// without progress). Set per connection, they took two of the twenty system calls a
+/// connection cost.
+fn listen(addr: SocketAddr, write_timeout: Option<Duration>) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_tcp_nodelay(true)?;
-    let write_timeout = Some(write_timeout)
-        .filter(|t| !t.is_zero())
-        .map(|t| t.max(Duration::from_micros(1)));
     socket.set_write_timeout(write_timeout)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -560,21 +562,36 @@ mod tests {
 
     #[test]
     fn accepted_sockets_inherit_no_delay_and_the_write_timeout_from_the_listener() {
-        let timeout = Duration::from_secs(7);
-        let listener = listen("127.0.0.1:0".parse().expect("address"), timeout).expect("listen");
-        let addr = listener.local_addr().expect("address");
-        let _client = TcpStream::connect(addr).expect("connect");
-        let (accepted, _) = listener.accept().expect("accept");
-        assert!(accepted.nodelay().expect("TCP_NODELAY"));
+        let accepted = |write_timeout: Duration| {
+            let config = ServerConfig::default().write_timeout(write_timeout);
+            let listener = listen(
+                "127.0.0.1:0".parse().expect("address"),
+                config.socket_write_timeout(),
+            )
+            .expect("listen");
+            let _client =
+                TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+            listener.accept().expect("accept").0
+        };
+        let stream = accepted(Duration::from_secs(7));
+        assert!(stream.nodelay().expect("TCP_NODELAY"));
         assert_eq!(
-            accepted.write_timeout().expect("SO_SNDTIMEO"),
-            Some(timeout)
+            stream.write_timeout().expect("SO_SNDTIMEO"),
+            Some(Duration::from_secs(7))
         );
-
-        let listener =
-            listen("127.0.0.1:0".parse().expect("address"), Duration::ZERO).expect("listen");
-        let _client = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
-        let (accepted, _) = listener.accept().expect("accept");
-        assert_eq!(accepted.write_timeout().expect("SO_SNDTIMEO"), None);
+        // Zero is no limit; under a microsecond is a limit still (the kernel rounds it up
+        // to a clock tick), not none.
+        assert_eq!(
+            accepted(Duration::ZERO)
+                .write_timeout()
+                .expect("SO_SNDTIMEO"),
+            None
+        );
+        assert!(
+            accepted(Duration::from_nanos(500))
+                .write_timeout()
+                .expect("SO_SNDTIMEO")
+                .is_some()
+        );
     }
 }

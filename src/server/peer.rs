@@ -48,6 +48,7 @@ use super::Throttle;
 use super::dispatcher::{MAX_BATCH, Outlet, Sent};
 use super::metrics::{Closed, Metrics};
 use crate::config::{MAX_QUEUE, later};
+use crate::error::{is_timeout, timed_out};
 use crate::message::Frame;
 use crate::tls::{Tls, Wire, send_now};
 
@@ -299,9 +300,7 @@ impl Peer {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => IoSlice::advance_slices(&mut iov, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
+                Err(e) if is_timeout(&e) => return Err(timed_out(e)),
                 Err(e) => return Err(e),
             }
         }
@@ -328,17 +327,23 @@ pub(crate) struct Backlogs {
     sealed_limit: usize,
     /// For the warning when no writer is left, at most once a second.
     refused: Mutex<Throttle>,
+    /// How long a backlog may wait for a writer thread, as a writer may wait for its
+    /// client (`--write-timeout`; `None` is for ever). Kept here rather than asked of each
+    /// socket: housekeeping checks every parked backlog four times a second.
+    patience: Option<Duration>,
 }
 
 impl Backlogs {
-    /// At most `writers` writer threads and `sealed` bytes of sealed records.
-    pub(crate) fn new(writers: usize, sealed: usize) -> Arc<Self> {
+    /// At most `writers` writer threads and `sealed` bytes of sealed records; a backlog
+    /// waits for a writer thread at most `patience`.
+    pub(crate) fn new(writers: usize, sealed: usize, patience: Option<Duration>) -> Arc<Self> {
         Arc::new(Backlogs {
             running: AtomicUsize::new(0),
             limit: writers,
             sealed: AtomicUsize::new(0),
             sealed_limit: sealed,
             refused: Mutex::new(Throttle::default()),
+            patience,
         })
     }
 
@@ -419,9 +424,9 @@ pub(crate) struct PeerOutlet {
 struct Backlog {
     tx: Option<Sender<Queued>>,
     capacity: usize,
-    /// A writer thread was started and has not been joined yet: lets the dispatcher's
-    /// housekeeping pass over the many clients that never had one without taking their
-    /// locks.
+    /// The backlog was given a writer thread, or parked to wait for one, and that has not
+    /// been reaped yet: lets the dispatcher's housekeeping pass over the many clients that
+    /// never had a backlog without taking their locks.
     started_writer: bool,
     backlogs: Arc<Backlogs>,
     /// The backlog overflowed: the client is being closed as too slow.
@@ -763,8 +768,11 @@ impl Backlog {
         let Err(rx) = self.hand_over(peer, &mut write, rx) else {
             return;
         };
-        let timeout = peer.stream.write_timeout().ok().flatten();
-        if timeout.is_some_and(|timeout| since.elapsed() >= timeout) {
+        if self
+            .backlogs
+            .patience
+            .is_some_and(|patience| since.elapsed() >= patience)
+        {
             // A client already being closed (as a slow consumer, say) was counted then.
             if write.state.takes_data() {
                 peer.metrics.closed(Closed::Stalled);
@@ -945,7 +953,7 @@ mod tests {
     #[test]
     fn with_no_writer_free_a_backlog_waits_for_one_and_gets_it() {
         let (_client, peer) = stalled_pair();
-        let writers = Backlogs::new(1, usize::MAX);
+        let writers = Backlogs::new(1, usize::MAX, None);
         let busy = writers.enlist().expect("the one place");
         let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Arc::clone(&writers));
         until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
@@ -964,7 +972,7 @@ mod tests {
     fn a_parked_client_that_leaves_is_not_left_waiting_for_its_close() {
         for free in [0, 1] {
             let (client, peer) = stalled_pair();
-            let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Backlogs::new(free, 0));
+            let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Backlogs::new(free, 0, None));
             let _busy = (free == 1).then(|| outlet.backlog.backlogs.enlist());
             until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
             outlet.close(message::close(CloseCode::Normal, ""));
@@ -988,10 +996,11 @@ mod tests {
     fn a_backlog_that_waits_for_a_writer_past_the_write_timeout_is_cut() {
         let (_client, peer) = stalled_pair();
         let timeout = Duration::from_millis(50);
-        peer.stream
-            .set_write_timeout(Some(timeout))
-            .expect("timeout");
-        let mut outlet = PeerOutlet::new(Arc::clone(&peer), 100, Backlogs::new(0, usize::MAX));
+        let mut outlet = PeerOutlet::new(
+            Arc::clone(&peer),
+            100,
+            Backlogs::new(0, usize::MAX, Some(timeout)),
+        );
         let parked_at = Instant::now();
         until_backlog(&mut outlet, &message::text("t: ", &"x".repeat(1000)));
         while !peer.is_cut() {
@@ -1007,7 +1016,11 @@ mod tests {
     fn a_slow_consumers_close_goes_out_before_the_rest_of_its_backlog() {
         const CAPACITY: usize = 1000;
         let (client, peer) = stalled_pair();
-        let mut outlet = PeerOutlet::new(Arc::clone(&peer), CAPACITY, Backlogs::new(1, usize::MAX));
+        let mut outlet = PeerOutlet::new(
+            Arc::clone(&peer),
+            CAPACITY,
+            Backlogs::new(1, usize::MAX, None),
+        );
         let frame = message::text("10.0.0.1:1: ", &"x".repeat(1000));
         let mut sent = 0;
         loop {

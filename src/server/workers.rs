@@ -172,6 +172,9 @@ impl Workers {
 impl Shared {
     /// Start a thread that serves `first`, or without one, waits for a connection (and
     /// counts as waiting from now), if fewer than `limit` threads run.
+    ///
+    /// Never inlined: `serve` calls it, and its frame (the thread builder, the handles'
+    /// lock) would sit under every connection's blocking read, a stack page more per client.
     #[inline(never)]
     fn spawn(shared: &Arc<Shared>, first: Option<Job>, limit: usize) -> io::Result<()> {
         // Under the lock, so that no thread is joined before its handle is kept, and none

@@ -18,6 +18,11 @@ use std::collections::HashMap;
 
 use redis::Value;
 
+/// Messages in one entry, at most: a writer takes no more at once, and a reader takes an
+/// entry with more (some other program's) for malformed, so that what one read brings the
+/// dispatcher stays bounded.
+pub(crate) const MOST_MESSAGES: usize = 256;
+
 /// One entry of the stream, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
@@ -136,6 +141,11 @@ fn decode(fields: Vec<Value>) -> Result<Decoded, Malformed> {
                 seq = std::str::from_utf8(&value)
                     .ok()
                     .and_then(|s| s.parse().ok())
+            }
+            b"m" if texts.len() == MOST_MESSAGES => {
+                return Err(Malformed(format!(
+                    "it holds more than the {MOST_MESSAGES} messages an entry may"
+                )));
             }
             b"m" => texts.push(
                 String::from_utf8(value)
@@ -258,6 +268,22 @@ mod tests {
         assert_eq!(
             got[0].as_ref().map(|e| (e.origin, e.texts.clone())),
             Ok((Some((0xdead_beef, 42)), texts.to_vec()))
+        );
+    }
+
+    #[test]
+    fn an_entry_with_more_messages_than_a_writer_takes_at_once_is_malformed() {
+        let texts = |n: usize| -> Vec<&str> { (0..n).flat_map(|_| ["m", "a: b"]).collect() };
+        let reply = Value::Array(vec![
+            raw("1-0", &texts(MOST_MESSAGES)),
+            raw("2-0", &texts(MOST_MESSAGES + 1)),
+        ]);
+        let got = entries(reply).expect("a list");
+        assert_eq!(got[0].as_ref().map(|e| e.texts.len()), Ok(MOST_MESSAGES));
+        assert!(
+            matches!(&got[1], Err((id, _)) if id == "2-0"),
+            "{:?}",
+            got[1]
         );
     }
 

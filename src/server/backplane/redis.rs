@@ -51,9 +51,6 @@ const WRITER_QUEUE: usize = 4096;
 /// nodes configured differently still deliver the same sequence.
 const MAX_ENTRY: usize = message::LONGEST_TEXT;
 
-/// Messages in one entry, at most.
-const WRITE_BATCH: usize = 256;
-
 /// An entry takes no more messages once their texts reach this many bytes, so it holds at
 /// most this and one message more. It bounds what Redis keeps (`--redis-window` entries)
 /// and what a read holds.
@@ -198,7 +195,6 @@ impl Fleet {
             key: redis.key.clone(),
             window: redis.window.max(MIN_WINDOW),
             node: entry::node_field(random()),
-            next_seq: 0,
             queue: rx,
             seeded: Some(seeded_rx),
         };
@@ -509,7 +505,6 @@ struct Writer {
     window: u64,
     /// This node's id, as its entries carry it.
     node: String,
-    next_seq: u64,
     queue: Receiver<String>,
     /// Closed by the reader once it has seeded the history; `None` from then on.
     seeded: Option<Receiver<()>>,
@@ -531,7 +526,7 @@ impl Writer {
                     }
                     Next::Idle => ::redis::cmd("PING").exec(&mut con).map_err(Failure::from),
                     Next::Batch => {
-                        unsent.number(&mut self.next_seq);
+                        unsent.number();
                         Ok(())
                     }
                 }
@@ -576,7 +571,7 @@ impl Writer {
                 if unsent.texts.is_empty() {
                     return;
                 }
-                unsent.number(&mut self.next_seq);
+                unsent.number();
             }
             if add(&mut con, &self.key, self.window, &self.node, unsent).is_err() {
                 return;
@@ -586,8 +581,9 @@ impl Writer {
     }
 }
 
-/// The messages of the next entry, and its sequence number. Kept as they are until Redis
-/// has them: a retry must be the same entry, for readers to know it for a repeat.
+/// The messages of the next entry, and its sequence number: the writer's entries are
+/// numbered from 1. Kept as they are until Redis has them: a retry must be the same entry,
+/// for readers to know it for a repeat.
 #[derive(Default)]
 struct Unsent {
     seq: u64,
@@ -595,10 +591,9 @@ struct Unsent {
 }
 
 impl Unsent {
-    /// Give the texts just taken the writer's next sequence number.
-    fn number(&mut self, next_seq: &mut u64) {
-        *next_seq += 1;
-        self.seq = *next_seq;
+    /// Give the texts just taken the next sequence number.
+    fn number(&mut self) {
+        self.seq += 1;
     }
 }
 
@@ -625,11 +620,11 @@ fn next_batch(queue: &Receiver<String>, stop: &Receiver<()>, texts: &mut Vec<Str
     Next::Batch
 }
 
-/// Take the messages waiting, up to a batch: [`WRITE_BATCH`] messages, or until they reach
+/// Take the messages waiting, up to a batch: [`entry::MOST_MESSAGES`] messages, or until they reach
 /// [`ENTRY_BYTES`].
 fn fill(queue: &Receiver<String>, texts: &mut Vec<String>) {
     let mut bytes: usize = texts.iter().map(String::len).sum();
-    while texts.len() < WRITE_BATCH && bytes < ENTRY_BYTES {
+    while texts.len() < entry::MOST_MESSAGES && bytes < ENTRY_BYTES {
         let Ok(text) = queue.try_recv() else {
             return;
         };
@@ -817,12 +812,12 @@ impl Reader {
     }
 
     /// The stream's newest entries, newest first: enough to hold the history and
-    /// [`WRITE_BATCH`] messages more, so that repeats of a retried entry and entries of
+    /// [`entry::MOST_MESSAGES`] messages more, so that repeats of a retried entry and entries of
     /// other programs do not make this node's history shorter than the others'. Read a page
     /// at a time, so that what is read stays about that many messages, however many an
     /// entry holds.
     fn newest(&self, con: &mut Connection) -> Result<Vec<Item>, Failure> {
-        let wanted = self.history + WRITE_BATCH;
+        let wanted = self.history + entry::MOST_MESSAGES;
         let (mut items, mut texts) = (Vec::new(), 0);
         let mut end = "+".to_string();
         loop {
