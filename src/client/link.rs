@@ -525,35 +525,17 @@ impl Write for Shared {
 mod tests {
     use super::*;
 
-    /// The reader's own write (a ping, say) into a full socket, while a server that never
-    /// reads keeps talking: the data waiting unread is the reader's to read, and it is
-    /// stuck here, so it must not count as the server being heard from.
+    /// The reader's own write (a ping, say) into a full socket, while data from the server
+    /// waits unread: it is the reader's to read, and the reader is stuck here, so it must
+    /// not count as the server being heard from.
     #[test]
     fn the_readers_own_stuck_write_gives_up_though_data_waits_unread() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (server, _) = listener.accept().expect("accept");
-        SockRef::from(&server)
-            .set_recv_buffer_size(4096)
-            .expect("small window");
-        let keepalive = Duration::from_millis(200);
-        client.set_write_timeout(Some(keepalive)).expect("timeout");
-        let (done, talking) = crossbeam_channel::bounded::<()>(0);
-        let talker = thread::spawn(move || {
-            // Talks, never reads, until the test is over (or 10 s at most).
-            for _ in 0..500 {
-                if talking.recv_timeout(Duration::from_millis(20)).is_ok()
-                    || (&server).write_all(b"x").is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let shared = link(client, keepalive, true);
-        let gave_up = send_stuck(&shared);
-        drop(done);
-        talker.join().expect("talker");
-        assert_eq!(gave_up, Ok(true), "the stuck write gives up");
+        let (shared, _server) = silent_pair(true, b"x");
+        assert_eq!(
+            send_stuck(&shared, WAIT),
+            Ok(true),
+            "the stuck write gives up"
+        );
         assert!(shared.live.stalled.load(Ordering::Acquire));
     }
 
@@ -562,16 +544,47 @@ mod tests {
     /// client then says: the server took none of our data).
     #[test]
     fn a_send_stuck_with_nothing_heard_gives_up_after_the_keepalive() {
+        let (shared, _server) = silent_pair(false, b"");
+        assert_eq!(
+            send_stuck(&shared, WAIT),
+            Ok(true),
+            "the stuck send gives up"
+        );
+        assert!(shared.live.stalled.load(Ordering::Acquire));
+    }
+
+    /// The sender's write stuck as long, but with data from the server waiting for the
+    /// reader, which reads on: the server is alive, so the send waits (five keepalives
+    /// here) rather than give up.
+    #[test]
+    fn a_stuck_send_waits_while_data_waits_for_the_reader() {
+        let (shared, _server) = silent_pair(false, b"x");
+        assert_eq!(
+            send_stuck(&shared, KEEPALIVE * 5),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout),
+            "still waiting"
+        );
+        assert!(!shared.live.stalled.load(Ordering::Acquire));
+    }
+
+    const KEEPALIVE: Duration = Duration::from_millis(200);
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A link (the reader's side or the sender's) to a server that never reads and has
+    /// sent `said`, last heard from a second ago, longer than the keepalive; and the
+    /// server's socket.
+    fn silent_pair(reader: bool, said: &[u8]) -> (Shared, TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
-        let keepalive = Duration::from_millis(200);
-        client.set_write_timeout(Some(keepalive)).expect("timeout");
-        let shared = link(client, keepalive, false);
-        let gave_up = send_stuck(&shared);
-        drop(server);
-        assert_eq!(gave_up, Ok(true), "the stuck send gives up");
-        assert!(shared.live.stalled.load(Ordering::Acquire));
+        // Small, so that the socket is full after a few kilobytes more than the client's
+        // send buffer.
+        SockRef::from(&server)
+            .set_recv_buffer_size(4096)
+            .expect("small window");
+        (&server).write_all(said).expect("said");
+        client.set_write_timeout(Some(KEEPALIVE)).expect("timeout");
+        (link(client, KEEPALIVE, reader), server)
     }
 
     /// One side of a link over `client`, last heard from when it was born a second ago.
@@ -598,8 +611,11 @@ mod tests {
     }
 
     /// Send 64 MiB, more than any socket buffers, on a thread: whether the send failed,
-    /// or a timeout when it had not ended within 10 s. The socket is shut down after.
-    fn send_stuck(shared: &Shared) -> Result<bool, crossbeam_channel::RecvTimeoutError> {
+    /// or a timeout when it had not ended `within`. The socket is shut down after.
+    fn send_stuck(
+        shared: &Shared,
+        within: Duration,
+    ) -> Result<bool, crossbeam_channel::RecvTimeoutError> {
         let (result_tx, result) = crossbeam_channel::bounded(1);
         let writer = {
             let shared = shared.clone();
@@ -607,7 +623,7 @@ mod tests {
                 let _ = result_tx.send(shared.send_patiently(&vec![0u8; 64 << 20]).is_err());
             })
         };
-        let gave_up = result.recv_timeout(Duration::from_secs(10));
+        let gave_up = result.recv_timeout(within);
         let _ = shared.stream.shutdown(Shutdown::Both);
         writer.join().expect("writer");
         gave_up

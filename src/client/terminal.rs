@@ -9,6 +9,7 @@
 use std::io::{self, IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use log::{debug, log_enabled};
@@ -95,8 +96,10 @@ static IN_USE: Mutex<Option<Restore>> = Mutex::new(None);
 /// that skips the usual way out (a second Ctrl-C exits at once, from the signal handler's
 /// thread, while the editor may hold the terminal in raw mode).
 pub fn put_terminal_back() {
-    // Whoever holds the lock is putting it back already.
-    if let Some(mut in_use) = IN_USE.try_lock() {
+    // Whoever holds the lock is putting the terminal back already (or taking it): wait a
+    // little for them to finish, so that an exit from here does not overtake them, but
+    // never for ever at an exit.
+    if let Some(mut in_use) = IN_USE.try_lock_for(Duration::from_millis(100)) {
         drop(in_use.take());
     }
 }

@@ -162,9 +162,9 @@ fn a_server_that_neither_reads_nor_talks_cannot_hang_a_sending_client() {
 
 #[test]
 fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
-    // A keepalive longer than the server's first wait: it is the end of stream that must
-    // end it.
-    let (output, stderr) = sending_without_end("3", |stream, hold| {
+    // A keepalive longer than the test waits for the client's exit: only the end of stream
+    // can end it in time (the reader, finding it, cuts the socket under the stuck send).
+    let (output, stderr) = sending_without_end("60", |stream, hold| {
         // Never a byte read; once the client's sends are stuck (its 4 KiB are full long
         // before), its end of the conversation (a FIN), and no reset.
         let _ = hold.recv_timeout(ms(1500));
