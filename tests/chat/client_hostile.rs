@@ -4,6 +4,8 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -177,12 +179,11 @@ fn a_server_that_half_closes_without_reading_cannot_hang_a_sending_client() {
 }
 
 #[test]
-fn a_server_that_reads_slowly_but_talks_is_waited_for() {
+fn a_server_that_stops_reading_but_talks_is_waited_for() {
     let (done, hold) = crossbeam_channel::bounded::<()>(0);
     let (url, server) = one_client(true, move |mut stream| {
-        // As ours does with a client over its --rate: read it slowly, and go on talking.
-        stream.set_read_timeout(Some(ms(100))).expect("timeout");
-        let mut sip = [0u8; 512];
+        // As ours does with a client far over its --rate: it reads on only later, and goes
+        // on talking meanwhile.
         let deadline = Instant::now() + WAIT * 2;
         while matches!(hold.recv_timeout(ms(100)), Err(RecvTimeoutError::Timeout))
             && Instant::now() < deadline
@@ -190,20 +191,36 @@ fn a_server_that_reads_slowly_but_talks_is_waited_for() {
             if stream.write_all(&[0x81, 0x02, b'h', b'i']).is_err() {
                 return;
             }
-            let _ = stream.read(&mut sip);
         }
     });
     let mut proc = Proc::spawn(client(&url).args(["--keepalive", "1", "--no-confirm"]));
     let mut stdin = proc.child.stdin.take().expect("stdin");
-    let feeding = thread::spawn(move || {
-        let line = "x".repeat(1000);
-        while writeln!(stdin, "{line}").is_ok() {}
-    });
-    // Four keepalive times, with sends stuck most of it: still connected.
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < deadline {
+    let started = Instant::now();
+    let fed_at_ms = Arc::new(AtomicU64::new(0));
+    let feeding = {
+        let fed_at_ms = Arc::clone(&fed_at_ms);
+        thread::spawn(move || {
+            let line = "x".repeat(1000);
+            while writeln!(stdin, "{line}").is_ok() {
+                let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                fed_at_ms.store(now, Ordering::Relaxed);
+            }
+        })
+    };
+    // Until the client has taken no input for three keepalive times (its send is stuck,
+    // the server silent on none of them), it must stay connected.
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
         let exited = proc.child.try_wait().expect("try_wait");
         assert!(exited.is_none(), "the client gave up: {exited:?}");
+        let fed_at = Duration::from_millis(fed_at_ms.load(Ordering::Relaxed));
+        if started.elapsed().saturating_sub(fed_at) >= Duration::from_secs(3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client's sends never got stuck"
+        );
         thread::sleep(ms(50));
     }
     drop(done);
