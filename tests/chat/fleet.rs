@@ -624,27 +624,17 @@ fn messages_that_wait_for_redis_go_as_one_entry_in_order_from_batch_threads() {
     // of another test may have been named and not yet have set its policy).
     let batch = libc::SCHED_BATCH.to_string();
     eventually("every Redis thread to run as SCHED_BATCH", || {
-        let threads = redis_threads();
-        threads.iter().any(|(name, _)| name == "redis writer")
-            && threads.iter().any(|(name, _)| name == "redis reader")
-            && threads
+        let redis: Vec<(String, Option<String>)> = threads("self")
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("redis "))
+            .map(|(name, stat)| (name, policy(&stat)))
+            .collect();
+        redis.iter().any(|(name, _)| name == "redis writer")
+            && redis.iter().any(|(name, _)| name == "redis reader")
+            && redis
                 .iter()
                 .all(|(_, policy)| policy.as_deref() == Some(batch.as_str()))
     });
-}
-
-/// The Redis threads of this process, by name, with their scheduling policies.
-fn redis_threads() -> Vec<(String, Option<String>)> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .filter_map(|task| {
-            let path = task.ok()?.path();
-            let name = std::fs::read_to_string(path.join("comm")).ok()?;
-            let name = name.trim_end().to_string();
-            name.starts_with("redis ")
-                .then(|| (name, policy(&path.join("stat").to_string_lossy())))
-        })
-        .collect()
 }
 
 #[test]

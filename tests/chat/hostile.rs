@@ -362,7 +362,11 @@ fn backlog_writer_threads_never_outnumber_max_writers_and_the_others_wait_their_
             // Bounded, so that a failing test below cannot leave it running.
             let deadline = Instant::now() + WAIT * 3;
             while !done.load(Ordering::Acquire) && Instant::now() < deadline {
-                most.fetch_max(writer_threads(pid), Ordering::Relaxed);
+                let writers = threads(&pid.to_string())
+                    .iter()
+                    .filter(|(name, _)| name.starts_with("writer "))
+                    .count();
+                most.fetch_max(writers, Ordering::Relaxed);
                 thread::sleep(ms(2));
             }
         });
@@ -386,20 +390,6 @@ fn backlog_writer_threads_never_outnumber_max_writers_and_the_others_wait_their_
         1,
         "one writer at a time, and one did run"
     );
-}
-
-/// The backlog writer threads of process `pid` (they are named `writer N`).
-fn writer_threads(pid: u32) -> usize {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with("writer "))
-        })
-        .count()
 }
 
 /// How many of `expected` arrive, in order, before `raw`'s connection ends (or all do).

@@ -121,13 +121,9 @@ fn the_dispatcher_is_scheduled_as_a_batch_thread_and_the_rest_as_started() {
     let (_ws, _) = join(server.addr);
     let pid = server.proc.pid();
     let started = policy(&format!("/proc/{pid}/stat")).expect("the server's policy");
-    let policies: Vec<(String, String)> = thread_ids(pid)
+    let policies: Vec<(String, String)> = threads(&pid.to_string())
         .into_iter()
-        .filter_map(|tid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-            let name = stat.split_once(" (")?.1.rsplit_once(") ")?.0.to_string();
-            Some((name, policy(&format!("/proc/{pid}/task/{tid}/stat"))?))
-        })
+        .filter_map(|(name, stat)| Some((name, policy(&stat)?)))
         .collect();
     let batch = libc::SCHED_BATCH.to_string();
     assert!(

@@ -510,6 +510,22 @@ pub fn threads_of(pid: u32) -> usize {
     count_entries(&format!("/proc/{pid}/task"))
 }
 
+/// The threads of process `pid` (`self` for the test's own): each one's name and the path
+/// of its stat(5) file, for [`policy`]. Empty once the process is gone.
+pub fn threads(pid: &str) -> Vec<(String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let stat = path.join("stat").to_string_lossy().into_owned();
+            Some((name.trim_end().to_string(), stat))
+        })
+        .collect()
+}
+
 /// How many file descriptors process `pid` holds, from /proc; fails if it cannot be read.
 pub fn fds_of(pid: u32) -> usize {
     count_entries(&format!("/proc/{pid}/fd"))
