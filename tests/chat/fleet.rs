@@ -399,6 +399,36 @@ fn redis_restarted_empty_restarts_the_clients_with_1012_and_chat_goes_on() {
     );
 }
 
+/// As when a node is away for longer than `--redis-window` entries: what it delivered
+/// last is trimmed away under it, and Redis keeps its connections. Its next read finds
+/// the entries after, but not the proof that none is missing in between.
+#[test]
+fn entries_trimmed_past_what_a_node_delivered_restart_its_clients_with_1012() {
+    let Some(redis) = Redis::start() else { return };
+    let node = redis.node();
+    let (mut alice, alice_tag) = join(node.local_addr());
+    send(&mut alice, "before");
+    assert_eq!(recv_text(&mut alice), format!("{alice_tag}: before"));
+    redis.run(&["XTRIM", &redis.key, "MAXLEN", "0"]);
+    send(&mut alice, "after the trim");
+    let (code, reason, seen) = recv_until_close(&mut alice);
+    assert_eq!(
+        (code, reason.as_str(), seen),
+        (1012, "service restart: reconnect", Vec::<String>::new()),
+        "the message after the trim is not delivered as if nothing was missing"
+    );
+    let (mut again, tag) = join(node.local_addr());
+    send(&mut again, "after");
+    assert_eq!(
+        texts_until(&mut again, ": after"),
+        [
+            format!("{alice_tag}: after the trim"),
+            format!("{tag}: after")
+        ],
+        "the room as Redis has it now"
+    );
+}
+
 #[test]
 fn a_node_whose_redis_is_unreachable_starts_reports_503_and_joins_when_redis_comes() {
     let port = free_port();

@@ -11,10 +11,10 @@
 //!   Its first read takes the stream's newest entries (`XREVRANGE`), delivered as the
 //!   broadcasts before any other: the history of every client, including those that
 //!   joined before it. It reads on from the newest of them, so nothing added after that
-//!   is skipped, and only then does `/healthz` say 200. Each read is pipelined behind an
-//!   `XRANGE` of that last entry: while Redis still has it, it has everything after it too
-//!   (trimming only removes the oldest). When
-//!   it is gone, Redis restarted empty or this node was away longer than the window, and
+//!   is skipped, and only then does `/healthz` say 200. Each read is followed, in the same
+//!   pipeline, by an `XRANGE` of the entry it read after: while Redis still has that one, it
+//!   had everything after it when the read was answered (trimming removes the oldest
+//!   first). When it is gone, Redis restarted empty or this node was away longer than the window, and
 //!   there may be a gap the node cannot fill, so it restarts its clients with 1012 and
 //!   reseeds, rather than go on as if nothing happened.
 //!
@@ -752,9 +752,6 @@ impl Reader {
         // Before the first entry there is nothing to have lost.
         let check = last != "0-0";
         let mut pipe = ::redis::pipe();
-        if check {
-            pipe.cmd("XRANGE").arg(&self.key).arg(last).arg(last);
-        }
         pipe.cmd("XREAD")
             .arg("COUNT")
             .arg(READ_COUNT)
@@ -763,9 +760,15 @@ impl Reader {
             .arg("STREAMS")
             .arg(&self.key)
             .arg(last);
-        let mut replies: Vec<Value> = pipe.query(con)?;
-        let read = replies.pop().unwrap_or(Value::Nil);
-        if check && matches!(replies.pop(), Some(Value::Array(found)) if found.is_empty()) {
+        // Behind the read, not before it: Redis runs it as soon as the read is answered,
+        // and sends both replies in one write. Finding `last` then proves the read too,
+        // since trimming removes the oldest entries first.
+        if check {
+            pipe.cmd("XRANGE").arg(&self.key).arg(last).arg(last);
+        }
+        let mut replies = pipe.query::<Vec<Value>>(con)?.into_iter();
+        let read = replies.next().unwrap_or(Value::Nil);
+        if check && matches!(replies.next(), Some(Value::Array(found)) if found.is_empty()) {
             error!(
                 "Redis no longer has entry {last} of stream {:?}, the last this node \
                  delivered: Redis restarted empty, or this node was away for longer than \
