@@ -6,7 +6,9 @@
 //! side by side:
 //! - fan-out at N=100 through the lone node and through A, with 8 messages in flight (as
 //!   everywhere else) and with 64, where the extra hops through Redis are not what limits a
-//!   closed loop;
+//!   closed loop; each in [`ROUNDS`] rounds of a lone run then a Redis run, and the ratio
+//!   of their sums, since two runs of three seconds on this shared machine can differ by
+//!   a tenth or more;
 //! - latency (W=1) from a sender on the lone node to receivers there, and from a sender on
 //!   A to receivers on B;
 //! - Redis's own CPU time over the run (`INFO cpu`) and the stream's memory (`MEMORY USAGE`).
@@ -20,6 +22,7 @@ use crate::report::Report;
 use crate::{Target, fanout, start_own};
 
 const RECEIVERS: usize = 100;
+const ROUNDS: usize = 2;
 const LATENCY_RECEIVERS: usize = 10;
 
 pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
@@ -41,17 +44,28 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
         lone.pid, a.pid
     );
     let cpu_before = redis_cpu(&mut redis);
-    let runs: [(&str, SocketAddr, &Target, usize, usize); 4] = [
-        ("lone", lone.addr, &lone, RECEIVERS, 8),
-        ("redis", a.addr, &a, RECEIVERS, 8),
-        ("lone", lone.addr, &lone, RECEIVERS, 64),
-        ("redis", a.addr, &a, RECEIVERS, 64),
-    ];
-    for (name, sender, target, receivers, window) in runs {
-        match fanout::between(sender, target, receivers, window, duration) {
-            Ok(result) => out.fanout(name, &result),
-            Err(e) => out.failed(name, &e),
+    for window in [8, 64] {
+        let mut sums = [0.0; 2];
+        let mut ratios = Vec::new();
+        for _ in 0..ROUNDS {
+            let mut round = [0.0; 2];
+            for (i, (name, node)) in [("lone", &lone), ("redis", &a)].into_iter().enumerate() {
+                match fanout::run(node, RECEIVERS, window, duration) {
+                    Ok(result) => {
+                        round[i] = result.deliveries_per_s;
+                        out.fanout(name, &result);
+                    }
+                    Err(e) => out.failed(name, &e),
+                }
+            }
+            sums = [sums[0] + round[0], sums[1] + round[1]];
+            ratios.push(format!("{:.2}×", round[1] / round[0]));
         }
+        println!(
+            "ratio    N={RECEIVERS}   W={window:<3} through Redis / lone: {:.2}× over {ROUNDS}              rounds (each: {})",
+            sums[1] / sums[0],
+            ratios.join(", ")
+        );
     }
     // Only now: the fan-out is through one node, and on this machine node B would share
     // node A's core, its reader parsing every entry too.
@@ -77,7 +91,7 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
         .query(&mut redis);
     let length: redis::RedisResult<u64> = redis::cmd("XLEN").arg(&key).query(&mut redis);
     println!(
-        "redis    CPU {cpu:.2} s over the six runs and node B's start; stream {key}: {} \
+        "redis    CPU {cpu:.2} s over the fan-out and latency runs and node B's start; stream {key}: {} \
          entries, {} bytes",
         length.map_or_else(|e| e.to_string(), |n| n.to_string()),
         memory.map_or_else(|e| e.to_string(), |m| m.unwrap_or(0).to_string()),
