@@ -399,32 +399,42 @@ fn redis_restarted_empty_restarts_the_clients_with_1012_and_chat_goes_on() {
     );
 }
 
-/// As when a node is away for longer than `--redis-window` entries: what it delivered
-/// last is trimmed away under it, and Redis keeps its connections. Its next read finds
-/// the entries after, but not the proof that none is missing in between.
+/// A stream trimmed under a node past the last entry it delivered, as by an operator's
+/// `XTRIM` or `DEL`, or by the other nodes while this one was away for longer than
+/// `--redis-window` entries. The node can no longer prove that it missed nothing, nor show
+/// the room's history as the other nodes will, so it restarts its clients.
 #[test]
-fn entries_trimmed_past_what_a_node_delivered_restart_its_clients_with_1012() {
+fn a_stream_trimmed_past_what_a_node_delivered_restarts_its_clients_with_1012() {
     let Some(redis) = Redis::start() else { return };
     let node = redis.node();
     let (mut alice, alice_tag) = join(node.local_addr());
     send(&mut alice, "before");
     assert_eq!(recv_text(&mut alice), format!("{alice_tag}: before"));
-    redis.run(&["XTRIM", &redis.key, "MAXLEN", "0"]);
-    send(&mut alice, "after the trim");
+    // In one transaction, so that the node's waiting read is answered by the entry after
+    // the trim, whenever its wait would have run out.
+    redis::pipe()
+        .atomic()
+        .cmd("XTRIM")
+        .arg(&redis.key)
+        .arg("MAXLEN")
+        .arg(0)
+        .cmd("XADD")
+        .arg(&redis.key)
+        .arg("*")
+        .arg(&["n", "00000000000000aa", "s", "1", "m", "a: after the trim"][..])
+        .exec(&mut redis.connect())
+        .expect("XTRIM and XADD");
     let (code, reason, seen) = recv_until_close(&mut alice);
     assert_eq!(
         (code, reason.as_str(), seen),
         (1012, "service restart: reconnect", Vec::<String>::new()),
-        "the message after the trim is not delivered as if nothing was missing"
+        "the entry after the trim is not delivered as if nothing were missing"
     );
     let (mut again, tag) = join(node.local_addr());
     send(&mut again, "after");
     assert_eq!(
         texts_until(&mut again, ": after"),
-        [
-            format!("{alice_tag}: after the trim"),
-            format!("{tag}: after")
-        ],
+        ["a: after the trim".to_string(), format!("{tag}: after")],
         "the room as Redis has it now"
     );
 }

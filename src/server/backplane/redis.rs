@@ -14,9 +14,10 @@
 //!   is skipped, and only then does `/healthz` say 200. Each read is followed, in the same
 //!   pipeline, by an `XRANGE` of the entry it read after: while Redis still has that one, it
 //!   had everything after it when the read was answered (trimming removes the oldest
-//!   first). When it is gone, Redis restarted empty or this node was away longer than the window, and
-//!   there may be a gap the node cannot fill, so it restarts its clients with 1012 and
-//!   reseeds, rather than go on as if nothing happened.
+//!   first). When it is gone (Redis restarted empty, the stream was trimmed or deleted
+//!   under the node, or the node was away longer than the window), there may be a gap the
+//!   node cannot fill, and its history is no longer the room's: it restarts its clients
+//!   with 1012 and reseeds, rather than go on as if nothing happened.
 //!
 //! Both reconnect by themselves with a capped, jittered backoff; the writer waits for the
 //! reader's first read before its first `XADD`, so that this node's own first messages
@@ -761,7 +762,7 @@ impl Reader {
             .arg(&self.key)
             .arg(last);
         // Behind the read, not before it: Redis runs it as soon as the read is answered,
-        // and sends both replies in one write. Finding `last` then proves the read too,
+        // and usually sends both replies in one write. Finding `last` then proves the read too,
         // since trimming removes the oldest entries first.
         if check {
             pipe.cmd("XRANGE").arg(&self.key).arg(last).arg(last);
@@ -771,10 +772,10 @@ impl Reader {
         if check && matches!(replies.next(), Some(Value::Array(found)) if found.is_empty()) {
             error!(
                 "Redis no longer has entry {last} of stream {:?}, the last this node \
-                 delivered: Redis restarted empty, or this node was away for longer than \
-                 --redis-window entries. Messages may have been lost in between, so this \
-                 node's clients are restarted (1012) and will see the room's history as \
-                 Redis has it now",
+                 delivered: Redis restarted empty, the stream was trimmed or deleted (XTRIM, \
+                 DEL, FLUSHALL), or this node was away for longer than --redis-window \
+                 entries. Messages may have been lost in between, so this node's clients \
+                 are restarted (1012) and will see the room's history as Redis has it now",
                 self.key
             );
             self.metrics.redis_resets.inc();
