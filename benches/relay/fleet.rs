@@ -45,27 +45,7 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
     );
     let cpu_before = redis_cpu(&mut redis);
     for window in [8, 64] {
-        let mut sums = [0.0; 2];
-        let mut ratios = Vec::new();
-        for _ in 0..ROUNDS {
-            let mut round = [0.0; 2];
-            for (i, (name, node)) in [("lone", &lone), ("redis", &a)].into_iter().enumerate() {
-                match fanout::run(node, RECEIVERS, window, duration) {
-                    Ok(result) => {
-                        round[i] = result.deliveries_per_s;
-                        out.fanout(name, &result);
-                    }
-                    Err(e) => out.failed(name, &e),
-                }
-            }
-            sums = [sums[0] + round[0], sums[1] + round[1]];
-            ratios.push(format!("{:.2}×", round[1] / round[0]));
-        }
-        println!(
-            "ratio    N={RECEIVERS}   W={window:<3} through Redis / lone: {:.2}× over {ROUNDS}              rounds (each: {})",
-            sums[1] / sums[0],
-            ratios.join(", ")
-        );
+        compare(&lone, &a, window, duration, out);
     }
     // Only now: the fan-out is through one node, and on this machine node B would share
     // node A's core, its reader parsing every entry too.
@@ -91,14 +71,50 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
         .query(&mut redis);
     let length: redis::RedisResult<u64> = redis::cmd("XLEN").arg(&key).query(&mut redis);
     println!(
-        "redis    CPU {cpu:.2} s over the fan-out and latency runs and node B's start; stream {key}: {} \
-         entries, {} bytes",
+        "redis    CPU {cpu:.2} s over the fan-out and latency runs and node B's start; \
+         stream {key}: {} entries, {} bytes",
         length.map_or_else(|e| e.to_string(), |n| n.to_string()),
         memory.map_or_else(|e| e.to_string(), |m| m.unwrap_or(0).to_string()),
     );
     if let Err(e) = redis::cmd("DEL").arg(&key).exec(&mut redis) {
         eprintln!("relay: could not delete the stream {key}: {e}");
     }
+}
+
+/// Fan-out through the lone node and through node A with `window` messages in flight, in
+/// [`ROUNDS`] rounds of a run on each, and the ratio of their sums.
+fn compare(lone: &Target, a: &Target, window: usize, duration: Duration, out: &mut Report) {
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut rate = |name, node| match fanout::run(node, RECEIVERS, window, duration) {
+            Ok(result) => {
+                out.fanout(name, &result);
+                Some(result.deliveries_per_s)
+            }
+            Err(e) => {
+                out.failed(name, &e);
+                None
+            }
+        };
+        rounds.push(rate("lone", lone).zip(rate("redis", a)));
+    }
+    let label = format!("ratio    N={RECEIVERS}   W={window:<3} through Redis / lone:");
+    let Some(rounds) = rounds.into_iter().collect::<Option<Vec<(f64, f64)>>>() else {
+        println!("{label} none, a run failed");
+        return;
+    };
+    let (lone_sum, redis_sum) = rounds
+        .iter()
+        .fold((0.0, 0.0), |(l, r), (lone, redis)| (l + lone, r + redis));
+    let each: Vec<String> = rounds
+        .iter()
+        .map(|(lone, redis)| format!("{:.2}×", redis / lone))
+        .collect();
+    println!(
+        "{label} {:.2}× over {ROUNDS} rounds (each: {})",
+        redis_sum / lone_sum,
+        each.join(", ")
+    );
 }
 
 /// Redis's CPU seconds so far, user and system, from `INFO cpu`.
