@@ -6,9 +6,9 @@
 //! side by side:
 //! - fan-out at N=100 through the lone node and through A, with 8 messages in flight (as
 //!   everywhere else) and with 64, where the extra hops through Redis are not what limits a
-//!   closed loop; each in [`ROUNDS`] rounds of a lone run then a Redis run, and the ratio
-//!   of their sums, since two runs of three seconds on this shared machine can differ by
-//!   a tenth or more;
+//!   closed loop; each in [`ROUNDS`] rounds of a lone run and a Redis run (each first in
+//!   turn), and the ratio of their sums, since two runs of three seconds on this shared
+//!   machine can differ by a tenth or more;
 //! - latency (W=1) from a sender on the lone node to receivers there, and from a sender on
 //!   A to receivers on B;
 //! - Redis's own CPU time over the run (`INFO cpu`) and the stream's memory (`MEMORY USAGE`).
@@ -82,10 +82,10 @@ pub fn run(url: &str, pinned: bool, duration: Duration, out: &mut Report) {
 }
 
 /// Fan-out through the lone node and through node A with `window` messages in flight, in
-/// [`ROUNDS`] rounds of a run on each, and the ratio of their sums.
+/// [`ROUNDS`] rounds of a run on each, and the ratio of their sums and of each round.
 fn compare(lone: &Target, a: &Target, window: usize, duration: Duration, out: &mut Report) {
     let mut rounds = Vec::new();
-    for _ in 0..ROUNDS {
+    for round in 0..ROUNDS {
         let mut rate = |name, node| match fanout::run(node, RECEIVERS, window, duration) {
             Ok(result) => {
                 out.fanout(name, &result);
@@ -96,7 +96,15 @@ fn compare(lone: &Target, a: &Target, window: usize, duration: Duration, out: &m
                 None
             }
         };
-        rounds.push(rate("lone", lone).zip(rate("redis", a)));
+        // The lone node first in even rounds, the Redis one in odd rounds: a machine that
+        // speeds up or slows down over the run favours neither.
+        let pair = if round % 2 == 0 {
+            rate("lone", lone).zip(rate("redis", a))
+        } else {
+            let redis = rate("redis", a);
+            rate("lone", lone).zip(redis)
+        };
+        rounds.push(pair);
     }
     let label = format!("ratio    N={RECEIVERS}   W={window:<3} through Redis / lone:");
     let Some(rounds) = rounds.into_iter().collect::<Option<Vec<(f64, f64)>>>() else {
