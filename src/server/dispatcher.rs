@@ -110,6 +110,9 @@ pub(crate) struct Dispatcher<O> {
     /// Counts not yet added to `metrics`: kept here and added once per scan, so that a
     /// delivery costs no atomic operation.
     tally: Tally,
+    /// Where a join puts its answer before the first of the history, for one write: kept,
+    /// so that a join allocates nothing.
+    greeting: Vec<Frame>,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +140,7 @@ impl<O: Outlet> Dispatcher<O> {
             stopping: false,
             metrics,
             tally: Tally::default(),
+            greeting: Vec::with_capacity(MAX_BATCH),
         }
     }
 
@@ -271,14 +275,17 @@ impl<O: Outlet> Dispatcher<O> {
             outlet.close(message::close(CloseCode::Away, "server shutting down"));
             closing_since = Some(Instant::now());
         } else {
-            let greeting: Vec<Frame> = std::iter::once(answer)
-                .chain(self.ring.recent().iter().cloned())
-                .collect();
-            for chunk in greeting.chunks(MAX_BATCH) {
-                sent = outlet.send(chunk);
+            let recent = self.ring.recent();
+            let first = recent.len().min(MAX_BATCH - 1);
+            self.greeting.push(answer);
+            self.greeting.extend_from_slice(&recent[..first]);
+            sent = outlet.send(&self.greeting);
+            self.greeting.clear();
+            for chunk in recent[first..].chunks(MAX_BATCH) {
                 if sent != Sent::Done {
                     break;
                 }
+                sent = outlet.send(chunk);
             }
         }
         self.index.insert(outlet.id(), self.clients.len());

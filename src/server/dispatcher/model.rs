@@ -412,12 +412,14 @@ fn past_failures_stay_fixed() {
             Broadcast(None),
             Broadcast(None),
             Join { room: Some(1) },
-            open,
+            open.clone(),
             Shutdown,
         ],
         1,
     );
     check(&[Broadcast(Some(1))], 1);
+    // A join while stopping: the answer, then the close, and no history.
+    check(&[Shutdown, open], 0);
 }
 
 #[test]
