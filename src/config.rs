@@ -137,8 +137,8 @@ pub struct RedisConfig {
     pub key: String,
     /// Entries the stream keeps (approximately, `MAXLEN ~`). Default 10 000, at least 100.
     /// An entry holds the messages a node's writer found waiting at once, one when the room
-    /// is quiet, up to 256 or 16 KiB of text. A node away for longer than this many entries
-    /// cannot resume, and restarts its clients (1012).
+    /// is quiet, up to 256 or 16 KiB of text and one message more. A node away for longer
+    /// than this many entries cannot resume, and restarts its clients (1012).
     pub window: u64,
 }
 

@@ -115,7 +115,7 @@ impl fmt::Display for Error {
                     io::ErrorKind::ConnectionRefused => {
                         f.write_str("connection refused — is the server running?")
                     }
-                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+                    _ if is_timeout(source) => {
                         f.write_str("timed out — is the address right and reachable?")
                     }
                     _ => write!(f, "{source}"),

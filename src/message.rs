@@ -79,7 +79,8 @@ pub(crate) fn text(tag: &str, text: &str) -> Frame {
     Bytes::from(out)
 }
 
-/// The welcome frame, which follows every upgrade's 101: made once, shared by reference.
+/// The welcome frame, which follows every upgrade's 101: made once; a clone shares its
+/// bytes.
 pub(crate) fn welcome() -> Frame {
     static FRAME: LazyLock<Frame> = LazyLock::new(|| text("", WELCOME));
     FRAME.clone()

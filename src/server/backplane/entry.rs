@@ -3,9 +3,8 @@
 //! An entry is `n <node> s <sequence> m <tagged text> [m <tagged text> …]`: the messages a
 //! node's writer took from its queue at once, in order, one when the room is quiet. One
 //! entry per batch rather than per message is what makes the stream cheap: Redis runs one
-//! command, and every reader parses one entry, for a batch. With the Redis threads as
-//! `SCHED_BATCH`, a fleet node's fan-out went from 0.51–0.67× of a lone node's to
-//! 0.70–0.83× at 8 messages in flight, and to 0.77–1.02× at 64 (README, Performance).
+//! command, and every reader parses one entry, for a batch (README, Performance: the fleet
+//! on Redis).
 //!
 //! The node is a random 64-bit number a server draws when it starts, and the sequence
 //! counts that node's entries. A writer whose connection failed before it saw Redis's
@@ -20,8 +19,18 @@ use redis::Value;
 
 /// Messages in one entry, at most: a writer takes no more at once, and a reader takes an
 /// entry with more (some other program's) for malformed, so that what one read brings the
-/// dispatcher stays bounded.
+/// dispatcher stays bounded in frames.
 pub(crate) const MOST_MESSAGES: usize = 256;
+
+/// A writer takes no more messages once their texts reach this many bytes, so an entry of
+/// ours holds at most this and one message more. It bounds what Redis keeps
+/// (`--redis-window` entries) and what a read holds.
+pub(crate) const ENTRY_BYTES: usize = 16 * 1024;
+
+/// Text bytes in one entry, at most: what a writer adds when it has just under
+/// [`ENTRY_BYTES`] and takes the longest text there is. More (some other program's entry)
+/// is malformed, so that what one read brings the dispatcher stays bounded in bytes too.
+const MOST_BYTES: usize = ENTRY_BYTES - 1 + crate::message::LONGEST_TEXT;
 
 /// One entry of the stream, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +139,7 @@ type Decoded = (Option<(u64, u64)>, Vec<String>);
 
 fn decode(fields: Vec<Value>) -> Result<Decoded, Malformed> {
     let (mut node, mut seq, mut texts) = (None, None, Vec::new());
+    let mut bytes = 0;
     let mut fields = fields.into_iter();
     while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
         let (Value::BulkString(name), Value::BulkString(value)) = (name, value) else {
@@ -147,10 +157,16 @@ fn decode(fields: Vec<Value>) -> Result<Decoded, Malformed> {
                     "it holds more than the {MOST_MESSAGES} messages an entry may"
                 )));
             }
-            b"m" => texts.push(
+            b"m" if bytes + value.len() > MOST_BYTES => {
+                return Err(Malformed(format!(
+                    "its texts are over the {MOST_BYTES} bytes an entry may hold"
+                )));
+            }
+            b"m" => texts.push({
+                bytes += value.len();
                 String::from_utf8(value)
-                    .map_err(|_| Malformed("a text is not UTF-8".to_string()))?,
-            ),
+                    .map_err(|_| Malformed("a text is not UTF-8".to_string()))?
+            }),
             _ => {}
         }
     }
@@ -284,6 +300,27 @@ mod tests {
             matches!(&got[1], Err((id, _)) if id == "2-0"),
             "{:?}",
             got[1]
+        );
+    }
+
+    #[test]
+    fn an_entry_with_more_text_than_a_writer_adds_at_once_is_malformed() {
+        // As much as a writer of ours adds: just under a batch's bytes, then the longest
+        // text; and one byte more.
+        let short = "a".repeat(ENTRY_BYTES - 1);
+        let long = "b".repeat(crate::message::LONGEST_TEXT);
+        let most = ["m", short.as_str(), "m", long.as_str()];
+        let over = format!("{short}a");
+        let reply = Value::Array(vec![
+            raw("1-0", &most),
+            raw("2-0", &["m", over.as_str(), "m", long.as_str()]),
+        ]);
+        let got = entries(reply).expect("a list");
+        assert_eq!(got[0].as_ref().map(|e| e.texts.len()), Ok(2));
+        assert!(
+            matches!(&got[1], Err((id, Malformed(why))) if id == "2-0" && why.contains("bytes")),
+            "{:?}",
+            got[1].as_ref().map(|e| e.texts.len())
         );
     }
 

@@ -7,7 +7,8 @@
 //!   twice. While Redis is away the entry is kept and retried; when the queue is full too,
 //!   the connection threads wait, and TCP slows their clients down: nothing is lost.
 //! - The **reader** blocks in `XREAD` after the last entry it delivered and hands entries
-//!   to the dispatcher, a batch per read, with at most [`BATCHES`] batches waiting there.
+//!   to the dispatcher in batches of at most [`BATCH_MESSAGES`], with at most [`BATCHES`]
+//!   batches waiting there.
 //!   Its first read takes the stream's newest entries (`XREVRANGE`), delivered as the
 //!   broadcasts before any other: the history of every client, including those that
 //!   joined before it. It reads on from the newest of them, so nothing added after that
@@ -52,13 +53,8 @@ const WRITER_QUEUE: usize = 4096;
 /// nodes configured differently still deliver the same sequence.
 const MAX_ENTRY: usize = message::LONGEST_TEXT;
 
-/// An entry takes no more messages once their texts reach this many bytes, so it holds at
-/// most this and one message more. It bounds what Redis keeps (`--redis-window` entries)
-/// and what a read holds.
-const ENTRY_BYTES: usize = 16 * 1024;
-
 /// Entries taken in one `XREAD`, at most: 64 messages when the writers are quiet (an entry
-/// each), up to 16 384 when they are busy, and at most 64 × [`ENTRY_BYTES`] of text and a
+/// each), up to 16 384 when they are busy, and at most 64 × [`entry::ENTRY_BYTES`] of text and a
 /// message each.
 const READ_COUNT: usize = 64;
 
@@ -622,10 +618,10 @@ fn next_batch(queue: &Receiver<String>, stop: &Receiver<()>, texts: &mut Vec<Str
 }
 
 /// Take the messages waiting, up to a batch: [`entry::MOST_MESSAGES`] messages, or until they reach
-/// [`ENTRY_BYTES`].
+/// [`entry::ENTRY_BYTES`].
 fn fill(queue: &Receiver<String>, texts: &mut Vec<String>) {
     let mut bytes: usize = texts.iter().map(String::len).sum();
-    while texts.len() < entry::MOST_MESSAGES && bytes < ENTRY_BYTES {
+    while texts.len() < entry::MOST_MESSAGES && bytes < entry::ENTRY_BYTES {
         let Ok(text) = queue.try_recv() else {
             return;
         };
