@@ -10,7 +10,9 @@
 //! pings a server silent that long and gives up after as long again, cutting the socket
 //! so that a send blocked meanwhile wakes up; a send that makes no progress that long
 //! waits on while the server is heard from (ours reads a client over its `--rate` slowly,
-//! which is no fault) and gives up once the server has been silent that long too.
+//! which is no fault) and gives up once the server has been silent that long too. Data
+//! waiting unread counts as heard only for a send of the session's, while the reader
+//! reads: the reader's own stuck write (a ping, a pong) cannot read it.
 
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSlice, Read, Write};
@@ -281,7 +283,7 @@ fn read_messages(ws: WebSocket<Shared>, sink: &dyn Sink, confirm: &Confirm) -> E
             let _ = stream.shutdown(Shutdown::Both);
             if live.stalled.load(Ordering::Acquire) {
                 return Ending::Lost(format!(
-                    "the server took none of our data, and said nothing, for {} s",
+                    "the server took none of our data for {} s, and we heard nothing from it",
                     live.keepalive.unwrap_or_default().as_secs()
                 ));
             }
@@ -433,9 +435,9 @@ impl Shared {
 
     /// Send all of `bytes` (sealed first, over TLS), under the write lock. A send that
     /// makes no progress for the keepalive time waits on while the server is heard from
-    /// (data came within that time, or waits unread), and gives up once it has been
-    /// silent as long: the socket is then cut, so that the reader ends too, and the link
-    /// counts as stalled.
+    /// (data came within that time, or, for a send not the reader's, waits unread while
+    /// the reader reads), and gives up once it has been silent as long: the socket is then
+    /// cut, so that the reader ends too, and the link counts as stalled.
     fn send_patiently(&self, bytes: &[u8]) -> io::Result<()> {
         let sealed;
         let mut rest = match &self.tls {
@@ -577,11 +579,14 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
-        // Small, so that the socket is full after a few kilobytes more than the client's
-        // send buffer.
+        // Small on both sides, so that a send is stuck after a few kilobytes, however
+        // loaded the machine (loopback lets a send buffer grow to megabytes first).
         SockRef::from(&server)
             .set_recv_buffer_size(4096)
             .expect("small window");
+        SockRef::from(&client)
+            .set_send_buffer_size(4096)
+            .expect("small send buffer");
         (&server).write_all(said).expect("said");
         client.set_write_timeout(Some(KEEPALIVE)).expect("timeout");
         (link(client, KEEPALIVE, reader), server)
