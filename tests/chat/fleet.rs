@@ -231,8 +231,9 @@ fn a_node_started_later_shows_the_same_history_as_the_others() {
 fn a_node_seeds_its_history_from_entries_of_several_messages_and_pages_of_them() {
     let Some(redis) = Redis::start() else { return };
     let mut con = redis.connect();
-    // As a busy writer adds them: 300 entries of 3 messages each, more than a page (64),
-    // and an entry repeated as a retry would repeat it, which must not be shown twice.
+    // As a busy writer adds them: 300 entries of 3 messages each, then the last one
+    // repeated 70 times, as retries would: more than a page (64) of repeats, none shown
+    // twice, so the history has to come from the page after.
     let entry = |seq: u64| {
         let mut xadd = redis::cmd("XADD");
         xadd.arg(&redis.key)
@@ -248,7 +249,9 @@ fn a_node_seeds_its_history_from_entries_of_several_messages_and_pages_of_them()
     for seq in 1..=300 {
         entry(seq).exec(&mut con).expect("XADD");
     }
-    entry(300).exec(&mut con).expect("XADD the repeat");
+    for _ in 0..70 {
+        entry(300).exec(&mut con).expect("XADD a repeat");
+    }
     let node = redis.node();
     let (mut ws, _) = join(node.local_addr());
     let expected: Vec<String> = (295..=300)
