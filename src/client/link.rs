@@ -203,15 +203,7 @@ fn connect(
         write_lock: Arc::new(Mutex::new(())),
         deadline: None,
         reader: false,
-        live: Arc::new(Liveness {
-            born: Instant::now(),
-            heard_ms: AtomicU64::new(0),
-            stalled: AtomicBool::new(false),
-            sent_close: AtomicBool::new(false),
-            reading: AtomicBool::new(true),
-            answered: AtomicBool::new(false),
-            keepalive,
-        }),
+        live: Arc::new(Liveness::new(Instant::now(), keepalive)),
     };
     // The WebSocket made on this one becomes the reader's.
     let handshaking = Shared {
@@ -398,6 +390,19 @@ struct Liveness {
 }
 
 impl Liveness {
+    /// A link's state at its start, `born`: nothing heard, sent or stalled yet, reading.
+    fn new(born: Instant, keepalive: Option<Duration>) -> Self {
+        Liveness {
+            born,
+            heard_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+            sent_close: AtomicBool::new(false),
+            reading: AtomicBool::new(true),
+            answered: AtomicBool::new(false),
+            keepalive,
+        }
+    }
+
     fn heard(&self) {
         let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.heard_ms.store(ms, Ordering::Relaxed);
@@ -602,15 +607,7 @@ mod tests {
             tls: None,
             write_lock: Arc::new(Mutex::new(())),
             deadline: None,
-            live: Arc::new(Liveness {
-                born,
-                heard_ms: AtomicU64::new(0),
-                stalled: AtomicBool::new(false),
-                sent_close: AtomicBool::new(false),
-                reading: AtomicBool::new(true),
-                answered: AtomicBool::new(false),
-                keepalive: Some(keepalive),
-            }),
+            live: Arc::new(Liveness::new(born, Some(keepalive))),
             reader,
         }
     }
