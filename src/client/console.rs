@@ -124,19 +124,13 @@ fn forward_lines(mut input: Box<dyn BufRead + Send>, lines: &Sender<Input>) {
     let longest = LONGEST_MESSAGE as u64 + 2;
     loop {
         line.clear();
-        let read = (&mut input)
-            .take(longest)
-            .read_until(b'\n', &mut line)
-            .and_then(|n| {
-                let too_long = line.len() as u64 == longest && !line.ends_with(b"\n");
-                // The rest of a line too long is read and dropped, through its newline.
-                Ok(if too_long {
-                    input.skip_until(b'\n')?;
-                    None
-                } else {
-                    Some(n)
-                })
-            });
+        let read = match (&mut input).take(longest).read_until(b'\n', &mut line) {
+            // The rest of a line too long is read and dropped, through its newline.
+            Ok(_) if line.len() as u64 == longest && !line.ends_with(b"\n") => {
+                input.skip_until(b'\n').map(|_| None)
+            }
+            read => read.map(Some),
+        };
         match read {
             Ok(Some(0)) => break,
             Ok(Some(_)) => {}
